@@ -1,0 +1,191 @@
+"""Training configuration: one pydantic model that is also the exported best-config format."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
+DATASETS = ("digits", "cifar10", "imagefolder", "synthetic")
+_BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
+
+
+class ConfigError(ValueError):
+    """A user-supplied configuration is invalid; the message names the field."""
+
+
+def parse_bits(bits: str) -> tuple[int | None, int | None]:
+    """'w3a3' -> (3, 3); 'w4' -> (4, None) (weights only); 'fp32' -> (None, None)."""
+    text = bits.strip().lower()
+    if text in ("fp32", "fp", "float"):
+        return None, None
+    match = _BITS_RE.match(text)
+    if not match:
+        raise ValueError(f"bits must look like 'w4a4', 'w4a8', 'w4' or 'fp32', got {bits!r}")
+    wbits = int(match.group(1))
+    abits = int(match.group(2)) if match.group(2) is not None else None
+    for name, value in (("weight", wbits), ("activation", abits)):
+        if value is not None and not 2 <= value <= 8:
+            raise ValueError(f"{name} bits must be between 2 and 8, got {value} in {bits!r}")
+    return wbits, abits
+
+
+class TrainConfig(BaseModel):
+    """Everything one QAT (or FP) training run needs. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model and quantization
+    arch: str = "demo_net"
+    bits: str = "w4a4"
+    per_channel: bool = False
+    scale_init: Literal["mse", "minmax"] = "mse"
+    pretrained: str | None = None
+
+    # data
+    dataset: Literal["digits", "cifar10", "imagefolder", "synthetic"] = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = Field(default=None, gt=0, le=1024)
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    num_workers: int = Field(default=0, ge=0, le=64)
+
+    # optimisation
+    epochs: int = Field(default=20, gt=0, le=10_000)
+    batch_size: int = Field(default=64, gt=0, le=65_536)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-5, ge=0.0, le=1.0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    quantizer_lr: float = Field(default=1e-5, ge=0.0, le=10.0)
+
+    # oscillation remedies (METHOD.md sections 2-4)
+    method: Literal["lsq", "dampen", "freeze", "dampen+freeze"] = "lsq"
+    dampen_lambda: float = Field(default=0.1, ge=0.0, le=1e4)
+    dampen_start: float = Field(default=0.25, ge=0.0, lt=1.0)
+    dampen_aggregation: Literal["kernel_mean", "sum", "mean"] = "kernel_mean"
+    freeze_threshold_start: float = Field(default=0.1, gt=0.0, le=1.0)
+    freeze_threshold_end: float = Field(default=0.01, gt=0.0, le=1.0)
+    freeze_start: float = Field(default=0.25, ge=0.0, lt=1.0)
+    osc_momentum: float = Field(default=1e-3, gt=0.0, le=1.0)
+    track_max_bits: int = Field(default=4, ge=2, le=8)
+
+    # evaluation
+    bn_reestimate_batches: int = Field(default=50, ge=0, le=100_000)
+
+    # runtime
+    seed: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, value: str) -> str:
+        parse_bits(value)
+        return value.strip().lower()
+
+    @field_validator("arch")
+    @classmethod
+    def _check_arch(cls, value: str) -> str:
+        from oscqat.models import list_models
+
+        if value not in list_models():
+            raise ValueError(f"unknown arch {value!r}; choose one of {', '.join(list_models())}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "TrainConfig":
+        if self.freeze_threshold_end > self.freeze_threshold_start:
+            raise ValueError(
+                f"freeze_threshold_end ({self.freeze_threshold_end}) must not exceed "
+                f"freeze_threshold_start ({self.freeze_threshold_start})"
+            )
+        if self.dataset == "imagefolder":
+            if not self.data_dir:
+                raise ValueError("data_dir is required for dataset 'imagefolder'")
+            if not Path(self.data_dir).expanduser().is_dir():
+                raise ValueError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
+        if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
+            from oscqat.models import is_library_weight_name
+
+            if not is_library_weight_name(self.pretrained):
+                raise ValueError(f"pretrained {self.pretrained!r} is neither a file nor a known weight name")
+        return self
+
+    # convenience -------------------------------------------------------
+    @property
+    def weight_bits(self) -> int | None:
+        return parse_bits(self.bits)[0]
+
+    @property
+    def act_bits(self) -> int | None:
+        return parse_bits(self.bits)[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits is not None
+
+    @property
+    def dampens(self) -> bool:
+        return self.quantized and "dampen" in self.method
+
+    @property
+    def freezes(self) -> bool:
+        return self.quantized and "freeze" in self.method
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Load a YAML file; raises ConfigError with a readable message on any problem."""
+        data = load_yaml_mapping(path)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return validate_config(cls, data, source=str(path))
+
+
+def load_yaml_mapping(path: str | Path) -> dict:
+    """Read a YAML file that must hold a mapping, with errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    if data is None:
+        raise ConfigError(f"{path}: file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(exc, source: str) -> str:
+    """Turn a pydantic ValidationError into lines that name each offending field."""
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(model_cls, data: dict, source: str = "config"):
+    """Validate `data` against `model_cls`, re-raising as ConfigError with field names."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

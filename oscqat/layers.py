@@ -1,0 +1,138 @@
+"""Quantized layers: the float class plus a small mixin, swapped in through a registry.
+
+A quantized layer fake-quantizes its weight (and, optionally, its input) in forward and keeps
+the integer weight of that forward pass (``last_weight_int``) so the oscillation tracker and
+the dampening loss reuse it instead of quantizing the weights again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscqat.quantizer import LSQQuantizer
+
+QUANT_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_quantized(float_cls: type[nn.Module]) -> Callable[[type], type]:
+    """Class decorator: ``@register_quantized(nn.Conv2d) class QuantConv2d(...)``."""
+
+    def wrap(quant_cls: type) -> type:
+        QUANT_REGISTRY[float_cls] = quant_cls
+        return quant_cls
+
+    return wrap
+
+
+class QuantMixin:
+    """Weight + input fake quantization and per-weight freezing state for conv/linear layers."""
+
+    weight: nn.Parameter
+
+    def _init_quant(self, weight_bits: int, act_bits: int | None, per_channel: bool, init: str = "mse") -> None:
+        out_channels = self.weight.shape[0]
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.weight_quantizer = LSQQuantizer(
+            weight_bits, signed=True, per_channel=per_channel, num_channels=out_channels, init=init
+        )
+        self.input_quantizer = (
+            LSQQuantizer(act_bits, signed=None, per_channel=False, init=init) if act_bits is not None else None
+        )
+        # Frozen weights (iterative freezing): mask and the integer each one is pinned to.
+        self.register_buffer("frozen_mask", torch.zeros_like(self.weight, dtype=torch.bool))
+        self.register_buffer("frozen_int", torch.zeros_like(self.weight, dtype=torch.int8))
+        self._any_frozen = False
+        self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._any_frozen = bool(self.frozen_mask.any())
+
+    def refresh_frozen(self) -> None:
+        """Re-read whether any weight is frozen (call after editing ``frozen_mask``)."""
+        self._any_frozen = bool(self.frozen_mask.any())
+
+    @property
+    def is_depthwise(self) -> bool:
+        groups = getattr(self, "groups", 1)
+        return groups > 1 and groups == getattr(self, "in_channels", -1)
+
+    @property
+    def is_pointwise(self) -> bool:
+        return isinstance(self, nn.Conv2d) and self.groups == 1 and tuple(self.kernel_size) == (1, 1)
+
+    def _quantize_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._any_frozen:
+            w_hat, w_int = self.weight_quantizer.quantize(self.weight, self.frozen_mask, self.frozen_int)
+        else:
+            w_hat, w_int = self.weight_quantizer.quantize(self.weight)
+        self.last_weight_int = w_int
+        return w_hat, w_int
+
+    def weight_int(self) -> torch.Tensor:
+        """The integer weight used in forward (frozen values applied), without gradient."""
+        with torch.no_grad():
+            return self._quantize_weight()[1]
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight ``s * x_int`` used in forward (frozen values applied)."""
+        with torch.no_grad():
+            return self._quantize_weight()[0]
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+@register_quantized(nn.Conv2d)
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` (depthwise/grouped included) with LSQ weight and input quantization."""
+
+    def __init__(self, *args, weight_bits: int, act_bits: int | None = None, per_channel: bool = False,
+                 scale_init: str = "mse", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, act_bits, per_channel, scale_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat, _ = self._quantize_weight()
+        x = self._quantize_input(x)
+        return self._conv_forward(x, w_hat.to(x.dtype), self.bias)
+
+
+@register_quantized(nn.Linear)
+class QuantLinear(QuantMixin, nn.Linear):
+    """``nn.Linear`` with LSQ weight and input quantization."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight_bits: int,
+                 act_bits: int | None = None, per_channel: bool = False, scale_init: str = "mse", **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self._init_quant(weight_bits, act_bits, per_channel, scale_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat, _ = self._quantize_weight()
+        x = self._quantize_input(x)
+        return F.linear(x, w_hat.to(x.dtype), self.bias)
+
+
+def from_float(module: nn.Module, weight_bits: int, act_bits: int | None, per_channel: bool = False,
+               scale_init: str = "mse") -> nn.Module:
+    """Build the registered quantized twin of ``module``, sharing its parameters."""
+    quant_cls = QUANT_REGISTRY[type(module)]
+    new = quant_cls.__new__(quant_cls)
+    new.__dict__ = module.__dict__.copy()
+    new._parameters = module._parameters.copy()
+    new._buffers = module._buffers.copy()
+    new._modules = module._modules.copy()
+    new._init_quant(weight_bits, act_bits, per_channel, scale_init)
+    return new
+
+
+def quant_layers(module: nn.Module):
+    """Yield ``(name, layer)`` for every quantized layer in ``module``."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, QuantMixin):
+            yield name, sub

@@ -1,0 +1,180 @@
+"""LSQ fake quantizer with the straight-through estimator (Esser et al. 2020; METHOD.md section 1).
+
+The pass-through decision is made on ``x / s`` inside ``[n, p]``, not by differentiating
+``clamp`` (whose gradient at the bound is 0 or 0.5), so a weight that rounds onto the grid
+edge keeps its gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def grid_bounds(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer grid ``[n, p]``: signed ``[-2^(b-1), 2^(b-1)-1]``, unsigned ``[0, 2^b-1]``."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class _LSQFunction(torch.autograd.Function):
+    """Fake quantization returning ``(x_hat, x_int)``; x_int carries no gradient.
+
+    ``frozen``/``frozen_int`` (optional) pin some elements to a stored integer: those get
+    no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, n, p, grad_scale, frozen, frozen_int):
+        v = x / scale
+        x_int = torch.round(v).clamp_(n, p)
+        if frozen is not None:
+            x_int = torch.where(frozen, frozen_int.to(x_int.dtype), x_int)
+        x_hat = x_int * scale
+        ctx.save_for_backward(v, x_int, scale, frozen)
+        ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
+        ctx.mark_non_differentiable(x_int)
+        return x_hat, x_int
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_int):
+        v, x_int, scale, frozen = ctx.saved_tensors
+        inside = (v >= ctx.n) & (v <= ctx.p)
+        if frozen is not None:
+            inside = inside & ~frozen
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # inside: round(v) - v; clipped: n or p (== x_int there); frozen: x_int.
+            ds = torch.where(inside, x_int - v, x_int)
+            g = grad_out * ds
+            if scale.dim() == 0 or scale.numel() == 1:
+                grad_s = g.sum().reshape(scale.shape)
+            else:
+                reduce_dims = [d for d in range(g.dim()) if scale.shape[d] == 1]
+                grad_s = g.sum(dim=reduce_dims, keepdim=True)
+            grad_s = grad_s * ctx.grad_scale
+        return grad_x, grad_s, None, None, None, None, None
+
+
+def lsq_fake_quant(x, scale, n, p, grad_scale=1.0, frozen=None, frozen_int=None):
+    """Functional LSQ: returns ``(x_hat, x_int)``. ``scale`` broadcasts against ``x``."""
+    return _LSQFunction.apply(x, scale, n, p, grad_scale, frozen, frozen_int)
+
+
+class LSQQuantizer(nn.Module):
+    """Learned-step-size quantizer (a plain module: the scale is its one parameter).
+
+    Args:
+        bits: 2..8.
+        signed: signed grid; ``None`` decides at calibration (unsigned when the calibration
+            tensor has no negative values, e.g. after ReLU).
+        per_channel: one scale per slice along ``channel_axis`` (weights: output channels).
+        grad_scale: apply LSQ's ``1/sqrt(N * p)`` gradient scale to the scale.
+        init: ``"mse"`` (grid search over 100 clipping ratios) or ``"minmax"``.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        signed: bool | None = True,
+        per_channel: bool = False,
+        num_channels: int = 1,
+        channel_axis: int = 0,
+        grad_scale: bool = True,
+        init: str = "mse",
+    ):
+        super().__init__()
+        if init not in ("mse", "minmax"):
+            raise ValueError(f"init must be 'mse' or 'minmax', got {init!r}")
+        grid_bounds(bits, True)  # validates bits
+        self.bits = bits
+        self.per_channel = per_channel
+        self.channel_axis = channel_axis
+        self.use_grad_scale = grad_scale
+        self.init_method = init
+        self.scale = nn.Parameter(torch.ones(num_channels if per_channel else ()))
+        self.register_buffer("initialized", torch.tensor(False))
+        # -1: decide at calibration, 0: unsigned, 1: signed
+        self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+        self._ready = False  # python-side mirror of `initialized` (avoids a device sync per step)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False
+
+    # grid ---------------------------------------------------------------
+    @property
+    def signed(self) -> bool:
+        return int(self.signed_flag) != 0
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return grid_bounds(self.bits, self.signed)
+
+    def extra_repr(self) -> str:
+        sign = {-1: "auto", 0: "unsigned", 1: "signed"}[int(self.signed_flag)]
+        return f"bits={self.bits}, {sign}, per_channel={self.per_channel}, init={self.init_method}"
+
+    def _broadcast_scale(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale
+        if self.per_channel:
+            shape = [1] * x.dim()
+            shape[self.channel_axis] = -1
+            scale = scale.reshape(shape)
+        return scale
+
+    # calibration ------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the scale from a calibration tensor (min-max or MSE over clipping ratios)."""
+        x = x.detach().float()
+        if int(self.signed_flag) == -1:
+            self.signed_flag.fill_(0 if bool((x >= 0).all()) else 1)
+        n, p = self.bounds
+        if self.per_channel:
+            flat = x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
+        else:
+            flat = x.reshape(1, -1)
+            if flat.shape[1] > 1_000_000:  # a strided subsample is plenty for a scalar scale
+                flat = flat[:, :: flat.shape[1] // 1_000_000 + 1]
+        absmax = flat.abs().amax(dim=1).clamp_min(1e-8)
+        best = absmax / p
+        if self.init_method == "mse":
+            best_err = torch.full_like(absmax, float("inf"))
+            for ratio in torch.linspace(0.01, 1.0, 100).tolist():
+                s = (absmax * ratio / p).clamp_min(1e-8)
+                q = torch.round(flat / s[:, None]).clamp_(n, p) * s[:, None]
+                err = (q - flat).pow_(2).mean(dim=1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, s, best)
+        self.scale.data.copy_(best.reshape(self.scale.shape))
+        self.initialized.fill_(True)
+
+    # forward ------------------------------------------------------------------
+    def quantize(self, x, frozen=None, frozen_int=None):
+        """Return ``(x_hat, x_int)``; calibrates on the first call."""
+        if not self._ready:
+            if not bool(self.initialized):
+                self.calibrate(x)
+            self._ready = True
+            self._bounds = self.bounds
+        n, p = self._bounds
+        grad_scale = 1.0
+        if self.use_grad_scale:
+            per_scale = x.numel() // max(self.scale.numel(), 1)
+            grad_scale = 1.0 / math.sqrt(max(per_scale * p, 1))
+        scale = self._broadcast_scale(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        return lsq_fake_quant(x, scale, n, p, grad_scale, frozen, frozen_int)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x)[0]

@@ -1,0 +1,335 @@
+"""The QAT training loop: one epoch at a time, with a complete, resumable state.
+
+Each step: forward -> task loss (+ lambda * dampening) -> backward -> weight optimizer and
+scale optimizer -> oscillation tracker (frequency EMA, freezing). Each epoch ends with an
+evaluation on running BN statistics and, when enabled, another after BN re-estimation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscqat.bn import bn_layers, bn_state, reestimate_bn
+from oscqat.config import TrainConfig
+from oscqat.dampening import dampening_loss
+from oscqat.data import DataBundle, build_data
+from oscqat.layers import QuantMixin
+from oscqat.models import create_model
+from oscqat.oscillation import OscillationTracker
+from oscqat.quantize import QuantConfig, quantize_model
+from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = (
+    "epoch", "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda",
+    "freeze_threshold", "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac",
+    "epoch_time_s", "samples_per_s",
+)
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; the run cannot continue meaningfully."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class Trainer:
+    """Builds model, data and optimizers from a ``TrainConfig`` and trains epoch by epoch.
+
+    ``run_epoch()`` returns that epoch's metrics (names in ``METRIC_NAMES``); ``fit()`` runs the
+    remaining epochs. ``save``/``load`` capture everything needed to resume bit-identically on
+    CPU: model (scales, frozen masks), both optimizers, tracker, RNG, epoch and history.
+    """
+
+    def __init__(self, config: TrainConfig, data: DataBundle | None = None):
+        self.cfg = config
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.data = data or build_data(config)
+        model = create_model(config.arch, num_classes=self.data.num_classes, pretrained=config.pretrained,
+                             in_chans=self.data.in_chans)
+        if config.quantized:
+            qcfg = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
+                               per_channel=config.per_channel, scale_init=config.scale_init)
+            quantize_model(model, qcfg)
+        self.model = model.to(self.device)
+        self.tracker = (
+            OscillationTracker(self.model, config.osc_momentum, config.track_max_bits) if config.quantized else None
+        )
+        self.optimizer, self.quant_optimizer = self._build_optimizers()
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.layer_history: list[dict] = []
+        self.steps_per_epoch = max(len(self.data.train), 1)
+        self.total_steps = self.steps_per_epoch * config.epochs
+
+    # setup -------------------------------------------------------------------
+    def _build_optimizers(self):
+        cfg = self.cfg
+        scale_params = [m.scale for m in self.model.modules() if m.__class__.__name__ == "LSQQuantizer"]
+        scale_ids = {id(p) for p in scale_params}
+        decay, no_decay = [], []
+        for module in self.model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in scale_ids or not p.requires_grad:
+                    continue
+                is_weight = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
+                (decay if is_weight else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            opt = torch.optim.Adam(groups, lr=cfg.lr)
+        qopt = torch.optim.Adam(scale_params, lr=cfg.quantizer_lr, weight_decay=0.0) if scale_params else None
+        return opt, qopt
+
+    def _set_lr(self) -> float:
+        factor = cosine_lr_factor(self.epoch, self.cfg.epochs) if self.cfg.lr_schedule == "cosine" else 1.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.lr * factor
+        if self.quant_optimizer is not None:
+            for g in self.quant_optimizer.param_groups:
+                g["lr"] = self.cfg.quantizer_lr * factor
+        return self.cfg.lr * factor
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
+    def _autocast(self):
+        if self.cfg.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    # training ----------------------------------------------------------------
+    def _schedules(self) -> tuple[float, float]:
+        cfg = self.cfg
+        progress = self.global_step / max(self.total_steps, 1)
+        lam = dampen_lambda(progress, cfg.dampen_lambda, cfg.dampen_start) if cfg.dampens else 0.0
+        f_th = (freeze_threshold(progress, cfg.freeze_threshold_start, cfg.freeze_threshold_end, cfg.freeze_start)
+                if cfg.freezes else 0.0)
+        return lam, f_th
+
+    def train_one_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        self.data.train.set_epoch(self.epoch)
+        lr = self._set_lr()
+        loss_sum = torch.zeros((), device=self.device)
+        damp_sum = torch.zeros((), device=self.device)
+        seen = batches = 0
+        lam = f_th = 0.0
+        for x, y in self.data.train:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            lam, f_th = self._schedules()
+            with self._autocast():
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+            total = loss
+            if cfg.dampens:
+                damp = dampening_loss(model, cfg.dampen_aggregation, max_bits=cfg.track_max_bits)
+                damp_sum += damp.detach()
+                if lam > 0.0:
+                    total = loss + lam * damp
+            if not math.isfinite(float(loss.detach())):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({float(loss.detach())}) at epoch {self.epoch + 1}, step {self.global_step}; "
+                    f"lower lr (now {lr:g}) or quantizer_lr ({cfg.quantizer_lr:g})"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.quant_optimizer is not None:
+                self.quant_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            if self.quant_optimizer is not None:
+                self.quant_optimizer.step()
+            if self.tracker is not None:
+                self.tracker.step(freeze_threshold=f_th)
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            batches += 1
+            self.global_step += 1
+            if on_batch is not None:
+                on_batch(batches, float(loss.detach()))
+        if cfg.quantized and not cfg.dampens:
+            with torch.no_grad():  # report the (unweighted) dampening loss of the last step
+                damp_sum = dampening_loss(model, cfg.dampen_aggregation, max_bits=cfg.track_max_bits) * batches
+        return {
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "dampen_loss": float(damp_sum) / max(batches, 1) if cfg.quantized else 0.0,
+            "dampen_lambda": lam,
+            "freeze_threshold": f_th,
+            "lr": lr,
+            "_samples": seen,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> tuple[float, float]:
+        """Mean cross-entropy and top-1 accuracy over ``loader`` (default: validation set)."""
+        loader = loader or self.data.val
+        self.model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out = self.model(x).float()
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+        self.model.train()
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+    def _bn_batches(self):
+        loader = self.data.train
+        loader.set_epoch(10_000_019 + self.epoch)  # its own order; training order is unaffected
+        return loader
+
+    def run_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> dict:
+        """Train one epoch, evaluate (with and without BN re-estimation), return the metrics."""
+        if self.done:
+            raise RuntimeError(f"training already finished ({self.cfg.epochs} epochs)")
+        start = time.perf_counter()
+        train = self.train_one_epoch(on_batch)
+        train_time = time.perf_counter() - start
+        val_loss_raw, top1_raw = self.evaluate()
+        val_loss, top1 = val_loss_raw, top1_raw
+        last_epoch = self.epoch + 1 >= self.cfg.epochs
+        if self.cfg.bn_reestimate_batches > 0 and bn_layers(self.model):
+            saved = None if last_epoch else bn_state(self.model)
+            reestimate_bn(self.model, self._bn_batches(), self.cfg.bn_reestimate_batches, self.device)
+            val_loss, top1 = self.evaluate()
+            if saved is not None:  # keep training on running statistics; the final model keeps re-estimated ones
+                self.model.load_state_dict(saved, strict=False)
+        osc = self.tracker.summary() if self.tracker is not None else {}
+        self.epoch += 1
+        metrics = {
+            "epoch": self.epoch,
+            "train_loss": train["train_loss"],
+            "val_loss": val_loss,
+            "val_top1": top1,
+            "val_top1_no_bnre": top1_raw,
+            "dampen_loss": train["dampen_loss"],
+            "dampen_lambda": train["dampen_lambda"],
+            "freeze_threshold": train["freeze_threshold"],
+            "lr": train["lr"],
+            "osc_frac": osc.get("osc_frac", 0.0),
+            "osc_frac_depthwise": osc.get("osc_frac_depthwise", 0.0),
+            "osc_frac_pointwise": osc.get("osc_frac_pointwise", 0.0),
+            "frozen_frac": osc.get("frozen_frac", 0.0),
+            "epoch_time_s": time.perf_counter() - start,
+            "samples_per_s": train["_samples"] / max(train_time, 1e-9),
+        }
+        self.history.append(metrics)
+        self.layer_history.append(
+            {name: {"osc_frac": v["osc_frac"], "frozen_frac": v["frozen_frac"], "kind": v["kind"]}
+             for name, v in osc.get("layers", {}).items()}
+        )
+        log.info("epoch %d/%d val_top1=%.4f osc=%.4f frozen=%.4f", self.epoch, self.cfg.epochs, top1,
+                 metrics["osc_frac"], metrics["frozen_frac"])
+        return metrics
+
+    def fit(self, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run the remaining epochs; returns the full history."""
+        while not self.done:
+            metrics = self.run_epoch()
+            if on_epoch is not None:
+                on_epoch(metrics)
+        return self.history
+
+    # persistence --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "quant_optimizer": self.quant_optimizer.state_dict() if self.quant_optimizer else None,
+            "tracker": self.tracker.state_dict() if self.tracker else None,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "history": self.history,
+            "layer_history": self.layer_history,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng_python": list(random.getstate()[1]),
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"unsupported checkpoint version {state.get('version')!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.quant_optimizer is not None and state["quant_optimizer"] is not None:
+            self.quant_optimizer.load_state_dict(state["quant_optimizer"])
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.layer_history = list(state.get("layer_history", []))
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if state.get("rng_python"):
+            random.setstate((3, tuple(int(v) for v in state["rng_python"]), None))
+        for layer in self.model.modules():
+            if isinstance(layer, QuantMixin):
+                layer.refresh_frozen()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the full training state atomically (temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, config: TrainConfig | None = None, data: DataBundle | None = None) -> "Trainer":
+        """Rebuild a Trainer from a checkpoint (its own config unless one is given)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = config or TrainConfig.model_validate(state["config"])
+        trainer = cls(cfg, data=data)
+        trainer.load_state_dict(state)
+        return trainer
+
+    def save_model(self, path: str | Path) -> Path:
+        """Write only the model state dict (a float or QAT checkpoint for ``pretrained``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.model.state_dict(), tmp)
+        tmp.replace(path)
+        return path
