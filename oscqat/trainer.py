@@ -24,6 +24,7 @@ from oscqat.dampening import dampening_loss
 from oscqat.data import DataBundle, build_data
 from oscqat.layers import QuantMixin
 from oscqat.models import create_model
+from oscqat.models.registry import load_state_into
 from oscqat.oscillation import OscillationTracker
 from oscqat.quantize import QuantConfig, quantize_model
 from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
@@ -69,13 +70,17 @@ class Trainer:
     CPU: model (scales, frozen masks), both optimizers, tracker, RNG, epoch and history.
     """
 
-    def __init__(self, config: TrainConfig, data: DataBundle | None = None):
+    def __init__(self, config: TrainConfig, data: DataBundle | None = None, pretrained_state: dict | None = None):
+        """``pretrained_state``: a float state dict to start from (instead of ``config.pretrained``),
+        e.g. a campaign's shared FP checkpoint shipped through Ray's object store."""
         self.cfg = config
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         self.data = data or build_data(config)
         model = create_model(config.arch, num_classes=self.data.num_classes, pretrained=config.pretrained,
                              in_chans=self.data.in_chans)
+        if pretrained_state is not None:
+            load_state_into(model, pretrained_state, source="pretrained_state")
         if config.quantized:
             qcfg = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
                                per_channel=config.per_channel, scale_init=config.scale_init)

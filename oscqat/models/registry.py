@@ -123,10 +123,16 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | None = No
 def load_float_weights(model: nn.Module, path: str | Path) -> None:
     """Load a float state dict (or the ``model`` entry of a training checkpoint) strictly."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    load_state_into(model, state, source=str(path))
+
+
+def load_state_into(model: nn.Module, state, source: str = "checkpoint") -> None:
+    """Strictly load a float state dict (or a training checkpoint's ``model`` entry)."""
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise ValueError(f"{source}: expected a state dict, got {type(state).__name__}")
+    path = source
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

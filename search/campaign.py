@@ -1,0 +1,165 @@
+"""Campaign files: validated before Ray starts (unknown keys rejected, errors name the field)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from oscqat.config import ConfigError, TrainConfig, load_yaml_mapping, parse_bits, validate_config
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# TrainConfig fields the campaign controls itself, so `base` may not set them.
+_CAMPAIGN_OWNED = {"arch", "bits", "epochs", "seed", "dataset"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Target(_Strict):
+    """One (architecture, bit-width): its own Optuna study and MLflow parent run."""
+
+    arch: str
+    bits: str
+    space: str | None = None  # overrides the campaign's space for this target
+    pretrained: str | None = None  # FP checkpoint path; else one is trained once per campaign
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: str) -> str:
+        wbits, _ = parse_bits(v)
+        if wbits is None:
+            raise ValueError("a search target must be quantized (e.g. w4a4), not fp32")
+        return v.strip().lower()
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        from oscqat.models import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(list_models())}")
+        return v
+
+    @property
+    def slug(self) -> str:
+        return f"{self.arch}-{self.bits}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch}/{self.bits}"
+
+
+class Budget(_Strict):
+    num_samples: int = Field(default=8, gt=0, le=100_000)
+    max_epochs: int = Field(default=10, gt=0, le=10_000)
+    grace_period: int = Field(default=2, gt=0)
+    reduction_factor: float = Field(default=2.0, gt=1.0, le=100.0)
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _grace(self) -> "Budget":
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must not exceed max_epochs ({self.max_epochs})")
+        return self
+
+
+class Resources(_Strict):
+    cpu: float = Field(default=1.0, gt=0, le=1024)
+    gpu: float = Field(default=0.0, ge=0, le=64)
+
+
+class FPPretrain(_Strict):
+    """How the shared FP checkpoint is made when a target gives none."""
+
+    epochs: int = Field(default=10, gt=0, le=10_000)
+    lr: float = Field(default=0.05, gt=0, le=10.0)
+    weight_decay: float = Field(default=5e-4, ge=0, le=1.0)
+
+
+class MlflowSettings(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # default: the campaign name
+
+
+class Campaign(_Strict):
+    """A search campaign: targets x space x budget, and where everything is stored."""
+
+    name: str
+    targets: list[Target] = Field(min_length=1)
+    dataset: Literal["digits", "cifar10", "imagefolder", "synthetic"] = "digits"
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: str | None = None  # default: the target's arch
+    budget: Budget = Field(default_factory=Budget)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: int | None = Field(default=None, gt=0, le=10_000)
+    seed: int = Field(default=0, ge=0)
+    ray_address: str | None = None
+    storage_path: str = "./ray_results"
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    optuna_storage: str = "sqlite:///optuna.db"
+    fp_pretrain: FPPretrain = Field(default_factory=FPPretrain)
+    max_failures: int = Field(default=2, ge=0, le=100)
+    checkpoints_to_keep: int = Field(default=2, gt=0, le=100)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("name must be 1-64 characters of letters, digits, '_', '-', '.' (starting alphanumeric)")
+        return v
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: dict) -> dict:
+        owned = sorted(set(v) & _CAMPAIGN_OWNED)
+        if owned:
+            raise ValueError(f"base may not set {owned}: the campaign sets them (targets, budget.max_epochs, seed, dataset)")
+        unknown = sorted(set(v) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Campaign":
+        labels = [t.label for t in self.targets]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"targets: duplicated target(s) {dupes}")
+        for i, target in enumerate(self.targets):  # base must make a valid TrainConfig for each target
+            try:
+                self.train_config(target, {})
+            except ConfigError as exc:
+                raise ValueError(f"targets[{i}] with base: {exc}") from None
+        return self
+
+    # helpers -------------------------------------------------------------------
+    def space_for(self, target: Target) -> str:
+        return target.space or self.space or target.arch
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or self.name
+
+    def train_config(self, target: Target, params: dict, epochs: int | None = None) -> TrainConfig:
+        """Campaign base + target + sampled params -> a validated TrainConfig."""
+        data = {**self.base, **params, "arch": target.arch, "bits": target.bits, "dataset": self.dataset,
+                "epochs": epochs or self.budget.max_epochs, "seed": self.seed}
+        if target.pretrained is not None:
+            data["pretrained"] = target.pretrained
+        return validate_config(TrainConfig, data, source=f"campaign {self.name!r} target {target.label}")
+
+    def study_name(self, target: Target) -> str:
+        return f"{self.name}.{target.slug}"
+
+    def campaign_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    """Load and validate a campaign YAML; raises ConfigError naming the field."""
+    data = load_yaml_mapping(path)
+    return validate_config(Campaign, data, source=str(path))

@@ -1,0 +1,106 @@
+"""``oscqat search run | resume | status``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from oscqat.cli import fail
+from oscqat.config import ConfigError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, resume and inspect search campaigns.")
+console = Console()
+
+
+def _results_table(results, title: str, statuses: list[str] | None = None) -> Table:
+    table = Table(title=title)
+    cols = ["target", "best val_top1", "best trial", "method", "complete", "pruned", "failed", "params"]
+    for col in cols + (["status"] if statuses else []):
+        table.add_column(col)
+    for i, r in enumerate(results):
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.params.items())
+                           if k != "method")
+        table.add_row(r.target, f"{r.best_val_top1:.4f}" if r.best_val_top1 is not None else "-",
+                      r.best_trial_id or "-", r.method or "-", str(r.counts.get("COMPLETE", 0)),
+                      str(r.counts.get("PRUNED", 0)), str(r.counts.get("FAIL", 0)), params or "-",
+                      *([statuses[i]] if statuses else []))
+    return table
+
+
+def _print_next_steps(campaign) -> None:
+    console.print(f"\nCompare trials in the MLflow UI:  [bold]mlflow ui --backend-store-uri {campaign.mlflow.tracking_uri}[/]"
+                  if campaign.mlflow.tracking_uri.startswith("sqlite") else
+                  f"\nCompare trials in the MLflow UI at {campaign.mlflow.tracking_uri}")
+    if campaign.optuna_storage.startswith("sqlite"):
+        console.print(f"Optuna dashboard:                 [bold]optuna-dashboard {campaign.optuna_storage}[/]")
+    console.print(f"Export the winner:                [bold]oscqat report export {campaign.name} "
+                  f"--target {campaign.targets[0].label} --out best.yaml[/]")
+
+
+@app.command("run")
+def run(
+    campaign_file: Path = typer.Argument(..., help="campaign YAML"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address (auto, ray://host:10001); default: local"),
+) -> None:
+    """Start a new campaign: one Optuna study + ASHA per target, every trial logged to MLflow."""
+    from search.campaign import load_campaign
+    from search.runner import CampaignError, run_campaign
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        campaign = load_campaign(campaign_file)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    try:
+        results = run_campaign(campaign, address)
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc))
+    except CampaignError as exc:
+        raise fail(str(exc), code=1)
+    console.print(_results_table(results, f"campaign {campaign.name}: best per target"))
+    _print_next_steps(campaign)
+
+
+@app.command("resume")
+def resume(
+    name_or_path: str = typer.Argument(..., help="campaign name (under ./ray_results), directory, or YAML"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address; default: the campaign's"),
+) -> None:
+    """Continue an interrupted campaign: unfinished and errored trials go on from their checkpoints."""
+    from search.campaign import load_campaign
+    from search.runner import CAMPAIGN_FILE, CampaignError, locate_campaign, resume_campaign
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        results = resume_campaign(name_or_path, address)
+        campaign = load_campaign(locate_campaign(name_or_path) / CAMPAIGN_FILE)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    except CampaignError as exc:
+        raise fail(str(exc), code=1)
+    console.print(_results_table(results, f"campaign {campaign.name}: best per target"))
+    _print_next_steps(campaign)
+
+
+@app.command("status")
+def status(name_or_path: str = typer.Argument(..., help="campaign name, directory, or YAML")) -> None:
+    """Trials by state per target and the best so far (reads Optuna; starts no Ray)."""
+    from search.campaign import load_campaign
+    from search.runner import CAMPAIGN_FILE, CampaignError, locate_campaign, read_state, target_result
+
+    try:
+        campaign_dir = locate_campaign(name_or_path)
+        campaign = load_campaign(campaign_dir / CAMPAIGN_FILE)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    except CampaignError as exc:
+        raise fail(str(exc), code=1)
+    state = read_state(campaign_dir)
+    results = [target_result(campaign, t) for t in campaign.targets]
+    statuses = [state["targets"].get(t.label, {}).get("status", "pending") for t in campaign.targets]
+    console.print(_results_table(results, f"campaign {campaign.name} ({campaign_dir})", statuses))

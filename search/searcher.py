@@ -1,0 +1,132 @@
+"""Optuna inside Ray Tune, with the trial states Optuna should see.
+
+Ray's ``OptunaSearch`` tells Optuna COMPLETE for trials that ASHA stopped early (with their
+low-fidelity value). ``StateAwareOptunaSearch`` tells PRUNED for those (their intermediate
+values stay), FAIL for errored or non-finite trials, and stores the Tune trial id as a user
+attribute so Optuna trials map back to Tune trials and MLflow runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+TRIAL_ID_ATTR = "tune_trial_id"
+START_POINT_ATTR = "starting_point"
+
+
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """Seeded multivariate TPE; constant_liar keeps concurrent trials from piling up."""
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage *instance* (OptunaSearch refuses URL strings)."""
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+
+
+class StateAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records ASHA-stopped trials as PRUNED and failed ones as FAIL."""
+
+    def __init__(self, *args, max_epochs: int, start_point_names: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
+        self._start_point_names = list(start_point_names or [])
+        self._suggested = 0
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+            if self._suggested < len(self._start_point_names):
+                ot_trial.set_user_attr(START_POINT_ATTR, self._start_point_names[self._suggested])
+        self._suggested += 1
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        state = trial_state(result, error, self._max_epochs)
+        self._report_last(trial_id, result)
+        if state is TrialState.COMPLETE:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            if state is TrialState.FAIL and result and result.get("failure_reason"):
+                ot_trial.set_user_attr("failure_reason", str(result["failure_reason"])[:500])
+            self._ot_study.tell(ot_trial, None, state=state)
+        except Exception as exc:  # noqa: BLE001 - keep the campaign going, but say why
+            log.warning("could not record trial %s as %s in Optuna: %s", trial_id, state.name, exc)
+        self._completed_trials.add(trial_id)
+
+    def _report_last(self, trial_id: str, result: dict | None) -> None:
+        """Tune hands the final result to on_trial_complete only: keep it as an intermediate value."""
+        if not result or result.get("failure_reason") or self.metric not in result:
+            return
+        step = int(result.get("training_iteration", result.get("epoch", 0)))
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+                ot_trial.report(float(result[self.metric]), step)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("could not report the last value of %s: %s", trial_id, exc)
+
+
+def trial_state(result: dict | None, error: bool, max_epochs: int) -> TrialState:
+    """COMPLETE only for a trial that trained its full budget and stayed finite."""
+    if error or (result and result.get("failure_reason")):
+        return TrialState.FAIL
+    if not result or int(result.get("epoch", 0)) < max_epochs:
+        return TrialState.PRUNED
+    return TrialState.COMPLETE
+
+
+def build_searcher(define_by_run: Callable, starting_points: list[dict], start_point_names: list[str],
+                   study_name: str, storage_url: str, seed: int, max_epochs: int) -> StateAwareOptunaSearch:
+    return StateAwareOptunaSearch(
+        space=define_by_run,
+        metric="val_top1",
+        mode="max",
+        points_to_evaluate=[dict(p) for p in starting_points] or None,
+        sampler=make_sampler(seed),
+        study_name=study_name,
+        storage=make_storage(storage_url),
+        max_epochs=max_epochs,
+        start_point_names=start_point_names,
+    )
+
+
+def fail_orphaned_trials(storage_url: str, study_name: str, known_trial_ids: set[str]) -> int:
+    """Mark RUNNING Optuna trials that Tune no longer knows (driver killed) as FAIL."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage_url))
+    except KeyError:
+        return 0
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(TRIAL_ID_ATTR) in known_trial_ids:
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "orphaned: the driver stopped before Tune saved this trial")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        count += 1
+    return count
+
+
+_SECRET_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """Hide credentials inside URIs (``postgresql://user:pw@host`` -> ``postgresql://user:***@host``)."""
+    return _SECRET_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)

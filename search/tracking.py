@@ -1,0 +1,283 @@
+"""MLflow from the driver: parent run per campaign x target, child run per trial.
+
+One writer (the driver) means no SQLite lock fights and no route from cluster nodes to the
+tracking server. After a driver restart the callback finds each trial's existing child run by
+its trial-id tag and skips epochs already logged, so nothing is duplicated. Writes that fail
+(server down) are buffered and retried on every later event and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+from ray.tune import Callback
+
+from search.searcher import redact
+
+log = logging.getLogger(__name__)
+
+TAG = "oscqat."
+SCALAR_METRICS = (
+    "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda", "freeze_threshold",
+    "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac", "epoch_time_s", "samples_per_s",
+)
+_SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def safe_value(key: str, value) -> str:
+    """Stringify a param/tag value, dropping secrets (keys named like one; credentials in URIs)."""
+    if any(s in key.lower() for s in _SECRET_KEYS):
+        return "***"
+    return redact(str(value))[:6000]
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return client.create_experiment(name)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("oscqat", "torch", "torchvision", "timm", "ray", "optuna", "mlflow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def find_parent_run(client, experiment_id: str, campaign: str, target_label: str):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG}campaign` = '{campaign}' and tags.`{TAG}target` = '{target_label}' "
+                      f"and tags.`{TAG}role` = 'parent'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def ensure_parent_run(client, experiment_id: str, campaign: str, target, tags: dict) -> str:
+    """The target's parent run (reused when the campaign is resumed or re-run)."""
+    existing = find_parent_run(client, experiment_id, campaign, target.label)
+    if existing is not None:
+        if existing.info.status != "RUNNING":
+            client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    all_tags = {f"{TAG}campaign": campaign, f"{TAG}role": "parent", f"{TAG}target": target.label,
+                f"{TAG}arch": target.arch, f"{TAG}bits": target.bits, f"{TAG}git_commit": git_commit(),
+                **{f"{TAG}version.{k}": v for k, v in library_versions().items()}, **tags}
+    run = client.create_run(experiment_id, run_name=f"{campaign}/{target.label}",
+                            tags={k: safe_value(k, v) for k, v in all_tags.items()})
+    return run.info.run_id
+
+
+def find_child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, object]:
+    """``{tune trial id: run}`` for the parent's existing child runs."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=50_000)
+    return {r.data.tags.get(f"{TAG}trial_id"): r for r in runs if r.data.tags.get(f"{TAG}trial_id")}
+
+
+class MlflowTrialCallback(Callback):
+    """Driver-side Tune callback writing one MLflow child run per trial (picklable for restore)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, campaign: str, target_label: str,
+                 base_config: dict, max_epochs: int, study_name: str):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.campaign = campaign
+        self.target_label = target_label
+        self.base_config = base_config
+        self.max_epochs = max_epochs
+        self.study_name = study_name
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._client = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._logged_epoch: dict[str, int] = {}
+        self._layer_osc: dict[str, list[dict]] = {}
+        self._retries: dict[str, int] = {}
+        self._pending: deque = deque()  # (description, fn) of writes that failed
+        self._loaded_existing = False
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "_pending", "_loaded_existing"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    # plumbing -------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client_for(self.tracking_uri)
+        return self._client
+
+    def _write(self, description: str, fn) -> None:
+        """Run a write now if the server answers; else buffer it (order kept) for later."""
+        self._pending.append((description, fn))
+        self.flush()
+
+    def flush(self, attempts: int = 1, wait_s: float = 0.0) -> bool:
+        for attempt in range(attempts):
+            while self._pending:
+                description, fn = self._pending[0]
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+                    log.warning("MLflow write %s failed (%s); %d write(s) buffered", description,
+                                exc.__class__.__name__, len(self._pending))
+                    break
+                self._pending.popleft()
+            if not self._pending:
+                return True
+            if attempt + 1 < attempts:
+                time.sleep(wait_s)
+        return not self._pending
+
+    def _load_existing(self) -> None:
+        if self._loaded_existing:
+            return
+        for trial_id, run in find_child_runs(self.client, self.experiment_id, self.parent_run_id).items():
+            self._runs[trial_id] = run.info.run_id
+            history = self.client.get_metric_history(run.info.run_id, "val_top1")
+            self._logged_epoch[trial_id] = max((m.step for m in history), default=0)
+        self._loaded_existing = True
+
+    def _ensure_run(self, trial) -> str | None:
+        try:
+            self._load_existing()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("MLflow unreachable while looking up runs: %s", exc.__class__.__name__)
+            return None
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        params = {**self.base_config, **trial.config}
+        tags = {"mlflow.parentRunId": self.parent_run_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
+                f"{TAG}campaign": self.campaign, f"{TAG}target": self.target_label,
+                f"{TAG}optuna_study": self.study_name}
+        try:
+            run = self.client.create_run(self.experiment_id, run_name=tid,
+                                         tags={k: safe_value(k, v) for k, v in tags.items()})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not create MLflow run for %s: %s", tid, exc.__class__.__name__)
+            return None
+        run_id = run.info.run_id
+        self._runs[tid] = run_id
+        self._logged_epoch[tid] = 0
+        from mlflow.entities import Param
+
+        items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 90):
+            chunk = items[i:i + 90]
+            self._write(f"params of {tid}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
+        return run_id
+
+    # Tune events -------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._ensure_run(trial)
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self._ensure_run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._ensure_run(trial)
+        tid = trial.trial_id
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        if "layer_osc" in result:
+            hist = self._layer_osc.setdefault(tid, [])
+            hist[:] = [h for h in hist if h["epoch"] < epoch] + [{"epoch": epoch, "layers": dict(result["layer_osc"])}]
+        if run_id is None or epoch <= self._logged_epoch.get(tid, 0):
+            return  # already logged before a driver restart: no duplicates
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), ts, epoch) for k in SCALAR_METRICS
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
+        self._logged_epoch[tid] = epoch
+        self._write(f"metrics of {tid} epoch {epoch}", lambda: self.client.log_batch(run_id, metrics=metrics))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        tid = trial.trial_id
+        self._retries[tid] = self._retries.get(tid, 0) + 1
+        run_id = self._ensure_run(trial)
+        if run_id:
+            n = self._retries[tid]
+            self._write(f"retry tag of {tid}", lambda: self.client.set_tag(run_id, f"{TAG}retries", str(n)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        from search.searcher import trial_state
+
+        state = trial_state(result, False, self.max_epochs).name
+        self._finish(trial, state, result.get("failure_reason"))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        reason = getattr(trial, "error_msg", None) or "trial raised (see Ray's error file)"
+        self._finish(trial, "FAIL", str(reason).strip().splitlines()[-1] if reason else None)
+
+    def _finish(self, trial, state: str, reason: str | None) -> None:
+        run_id = self._ensure_run(trial)
+        if run_id is None:
+            return
+        tid = trial.trial_id
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
+        self._write(f"state of {tid}", lambda: self.client.set_tag(run_id, f"{TAG}state", state))
+        if reason:
+            self._write(f"failure reason of {tid}",
+                        lambda: self.client.set_tag(run_id, f"{TAG}failure_reason", safe_value("reason", reason)[:4000]))
+        self._write(f"artifacts of {tid}", lambda: self._log_artifacts(run_id, trial))
+        self._write(f"status of {tid}", lambda: self.client.set_terminated(run_id, status))
+
+    def _log_artifacts(self, run_id: str, trial) -> None:
+        from oscqat.config import TrainConfig
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig.model_validate({**self.base_config, **trial.config})
+            (Path(tmp) / "train_config.yaml").write_text(cfg.to_yaml())
+            history = self._layer_osc.get(trial.trial_id, [])
+            (Path(tmp) / "layer_oscillations.json").write_text(json.dumps(history))
+            if history:
+                from search.plots import layer_oscillation_plot
+
+                layer_oscillation_plot(history, Path(tmp) / "layer_oscillations.png", title=trial.trial_id)
+            self.client.log_artifacts(run_id, tmp)
+
+    def on_experiment_end(self, trials, **info):
+        if not self.flush(attempts=10, wait_s=3.0):
+            log.error("%d MLflow write(s) could not be delivered; run `oscqat report sync` later", len(self._pending))

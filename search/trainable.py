@@ -1,0 +1,69 @@
+"""The Tune function trainable: build, (restore,) train epoch by epoch, report.
+
+It only builds, trains and reports (Ray Tune examples style). MLflow is written by the
+driver-side callback, so trial processes need no route to the tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from oscqat.config import TrainConfig
+from oscqat.trainer import NonFiniteLossError, Trainer
+
+CHECKPOINT_FILE = "trainer.pt"
+
+
+def _set_threads() -> None:
+    """Use the CPU share Ray assigned (it sets OMP_NUM_THREADS for the worker)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None) -> None:
+    """One trial: ``base_config`` (campaign base + target) updated with the sampled ``params``."""
+    _set_threads()
+    cfg = TrainConfig.model_validate({**base_config, **params, "pretrained": None})
+    fault = os.environ.get("OSCQAT_FAULT_INJECT")  # test hook: "raise@EPOCH" / "kill@EPOCH"
+    trainer = Trainer(cfg, pretrained_state=fp_state)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
+            trainer.load_state_dict(state)
+    while not trainer.done:
+        try:
+            metrics = trainer.run_epoch()
+        except NonFiniteLossError as exc:
+            # Report once and stop: retrying a diverged trial from its checkpoint diverges again.
+            last = trainer.history[-1] if trainer.history else {}
+            tune.report({**last, "epoch": trainer.epoch, "val_top1": 0.0, "failure_reason": str(exc),
+                         "max_epochs": cfg.epochs})
+            return
+        _maybe_inject_fault(fault, trainer.epoch, checkpoint is not None)
+        layer_osc = {name: round(v["osc_frac"], 6) for name, v in trainer.layer_history[-1].items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.save(Path(tmp) / CHECKPOINT_FILE)
+            (Path(tmp) / "metrics.json").write_text(json.dumps(trainer.history))
+            tune.report({**metrics, "max_epochs": cfg.epochs, "layer_osc": layer_osc},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool) -> None:
+    """Fault injection for the reliability tests; active only when OSCQAT_FAULT_INJECT is set."""
+    if not spec or restored:
+        return
+    kind, _, at = spec.partition("@")
+    if str(epoch) != at:
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at epoch {epoch}")
+    if kind == "kill":
+        os.kill(os.getpid(), 9)
