@@ -155,8 +155,25 @@ class Campaign(_Strict):
     def study_name(self, target: Target) -> str:
         return f"{self.name}.{target.slug}"
 
+    @property
+    def remote_storage(self) -> bool:
+        return "://" in self.storage_path
+
     def campaign_dir(self) -> Path:
+        """Local folder for campaign.yaml, state.json and FP checkpoints.
+
+        With cloud storage (s3://, gs://) it is ``./.oscqat/<name>``; Ray's trial state goes to
+        ``ray_storage_path()`` either way.
+        """
+        if self.remote_storage:
+            return Path(".oscqat").resolve() / self.name
         return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def ray_storage_path(self) -> str:
+        """Where Ray Tune keeps this campaign's experiments (one folder per target)."""
+        if self.remote_storage:
+            return self.storage_path.rstrip("/") + "/" + self.name
+        return str(self.campaign_dir())
 
 
 def load_campaign(path: str | Path) -> Campaign:

@@ -180,24 +180,24 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
     from search.tracking import MlflowTrialCallback, client_for, ensure_parent_run
 
     tstate = state["targets"].setdefault(target.label, {})
-    exp_path = campaign_dir / target.slug
+    exp_path = f"{campaign.ray_storage_path()}/{target.slug}"
     study_name = campaign.study_name(target)
     fp_path, fp_state = _fp_checkpoint(campaign, target, campaign_dir)
     base_config = _base_config(campaign, target, fp_path)
     client = client_for(campaign.mlflow.tracking_uri)
     parent_id = ensure_parent_run(client, experiment_id, campaign.name, target, {
-        "oscqat.ray_experiment_path": str(exp_path), "oscqat.optuna_study": study_name,
+        "oscqat.ray_experiment_path": exp_path, "oscqat.optuna_study": study_name,
         "oscqat.optuna_storage": redact(campaign.optuna_storage), "oscqat.space": space.name,
         "oscqat.fp_checkpoint": fp_path,
     })
-    tstate.update(parent_run_id=parent_id, study_name=study_name, experiment_path=str(exp_path),
+    tstate.update(parent_run_id=parent_id, study_name=study_name, experiment_path=exp_path,
                   experiment_id=experiment_id, status="running", fp_checkpoint=fp_path)
     write_state(campaign_dir, state)
     trainable = _trainable(campaign, base_config, fp_state)
 
-    if resume and tune.Tuner.can_restore(str(exp_path)):
+    if resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming {target.label} from {exp_path}")
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         searcher = build_searcher(space.define_by_run, space.starting_points, space.starting_point_names,
                                   study_name, campaign.optuna_storage, campaign.seed, campaign.budget.max_epochs)
@@ -212,7 +212,7 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
                                         num_samples=b.num_samples, max_concurrent_trials=campaign.max_concurrent_trials,
                                         time_budget_s=b.time_budget_s),
             run_config=tune.RunConfig(
-                name=target.slug, storage_path=str(campaign_dir), callbacks=[callback],
+                name=target.slug, storage_path=campaign.ray_storage_path(), callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
                 verbose=1,
