@@ -47,18 +47,21 @@ class _LSQFunction(torch.autograd.Function):
         inside = (v >= ctx.n) & (v <= ctx.p)
         if frozen is not None:
             inside = inside & ~frozen
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_x = grad_out * inside  # also needed for the scale gradient below
         grad_s = None
         if ctx.needs_input_grad[1]:
-            # inside: round(v) - v; clipped: n or p (== x_int there); frozen: x_int.
-            ds = torch.where(inside, x_int - v, x_int)
-            g = grad_out * ds
+            # d x_hat/ds = x_int - v inside, x_int (n or p) when clipped, x_int when frozen:
+            # sum(g * ds) = sum(g * x_int) - sum(g_inside * v).
             if scale.dim() == 0 or scale.numel() == 1:
-                grad_s = g.sum().reshape(scale.shape)
+                g_flat, gx_flat = grad_out.reshape(-1), grad_x.reshape(-1)
+                grad_s = torch.dot(g_flat, x_int.reshape(-1)) - torch.dot(gx_flat, v.reshape(-1))
+                grad_s = grad_s.reshape(scale.shape)
             else:
-                reduce_dims = [d for d in range(g.dim()) if scale.shape[d] == 1]
-                grad_s = g.sum(dim=reduce_dims, keepdim=True)
+                reduce_dims = [d for d in range(v.dim()) if scale.shape[d] == 1]
+                grad_s = (grad_out * x_int - grad_x * v).sum(dim=reduce_dims, keepdim=True)
             grad_s = grad_s * ctx.grad_scale
+        if not ctx.needs_input_grad[0]:
+            grad_x = None
         return grad_x, grad_s, None, None, None, None, None
 
 

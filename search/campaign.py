@@ -59,6 +59,9 @@ class Budget(_Strict):
     grace_period: int = Field(default=2, gt=0)
     reduction_factor: float = Field(default=2.0, gt=1.0, le=100.0)
     time_budget_s: float | None = Field(default=None, gt=0)
+    searcher: Literal["tpe", "random"] = "tpe"  # random: a baseline for comparing search strategies
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial trains max_epochs (no early stopping)
+    enqueue_starting_points: bool = True
 
     @model_validator(mode="after")
     def _grace(self) -> "Budget":

@@ -153,7 +153,7 @@ def _pretrain_fp(cfg_dict: dict) -> tuple[dict, float]:
 def _base_config(campaign: Campaign, target: Target, fp_path: str) -> dict:
     """The fixed part of every trial's TrainConfig (validated once here)."""
     base = dict(campaign.base)
-    if base.get("data_dir"):
+    if base.get("data_dir") and "://" not in str(base["data_dir"]):  # a URI is not a local path
         base["data_dir"] = str(Path(base["data_dir"]).expanduser().resolve())
     cfg = campaign.train_config(target, {}).model_dump(mode="json")
     cfg.update({k: v for k, v in base.items()})
@@ -199,11 +199,18 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
         print(f"resuming {target.label} from {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        searcher = build_searcher(space.define_by_run, space.starting_points, space.starting_point_names,
-                                  study_name, campaign.optuna_storage, campaign.seed, campaign.budget.max_epochs)
         b = campaign.budget
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs, grace_period=b.grace_period,
-                                  reduction_factor=b.reduction_factor)
+        points = space.starting_points if b.enqueue_starting_points else []
+        names = space.starting_point_names if b.enqueue_starting_points else []
+        searcher = build_searcher(space.define_by_run, points, names, study_name, campaign.optuna_storage,
+                                  campaign.seed, b.max_epochs, sampler=b.searcher)
+        if b.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
+                                      grace_period=b.grace_period, reduction_factor=b.reduction_factor)
+        else:
+            from ray.tune.schedulers import FIFOScheduler
+
+            scheduler = FIFOScheduler()
         callback = MlflowTrialCallback(campaign.mlflow.tracking_uri, experiment_id, parent_id, campaign.name,
                                        target.label, base_config, b.max_epochs, study_name)
         tuner = tune.Tuner(

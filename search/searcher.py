@@ -22,8 +22,10 @@ TRIAL_ID_ATTR = "tune_trial_id"
 START_POINT_ATTR = "starting_point"
 
 
-def make_sampler(seed: int) -> optuna.samplers.TPESampler:
-    """Seeded multivariate TPE; constant_liar keeps concurrent trials from piling up."""
+def make_sampler(seed: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
+    """Seeded multivariate TPE (constant_liar keeps concurrent trials apart), or random search."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
@@ -94,13 +96,14 @@ def trial_state(result: dict | None, error: bool, max_epochs: int) -> TrialState
 
 
 def build_searcher(define_by_run: Callable, starting_points: list[dict], start_point_names: list[str],
-                   study_name: str, storage_url: str, seed: int, max_epochs: int) -> StateAwareOptunaSearch:
+                   study_name: str, storage_url: str, seed: int, max_epochs: int,
+                   sampler: str = "tpe") -> StateAwareOptunaSearch:
     return StateAwareOptunaSearch(
         space=define_by_run,
         metric="val_top1",
         mode="max",
         points_to_evaluate=[dict(p) for p in starting_points] or None,
-        sampler=make_sampler(seed),
+        sampler=make_sampler(seed, sampler),
         study_name=study_name,
         storage=make_storage(storage_url),
         max_epochs=max_epochs,

@@ -1,0 +1,134 @@
+"""Benchmark: the cost of one QAT training step, and of oscillation handling on top of it.
+
+MobileNetV2 at 32x32, batch 64, CPU. Variants run interleaved (round-robin), after warm-up,
+and are compared by their median step time, so machine noise hits all of them alike.
+
+    python bench/step_time.py [--json FILE] [--rounds 15] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+from oscqat import OscillationTracker, QuantConfig, create_model, dampening_loss, quantize_model
+
+VARIANTS = {
+    # name: (quantized, track, freeze, dampen)
+    "fp32": (False, False, False, False),
+    "lsq": (True, False, False, False),
+    "lsq+track": (True, True, False, False),
+    "lsq+track+freeze": (True, True, True, False),
+    "lsq+dampen": (True, False, False, True),
+    "full": (True, True, True, True),
+}
+
+
+class Variant:
+    def __init__(self, name: str, bits: int, batch: int, size: int, seed: int = 0):
+        quantized, self.track, self.freeze, self.dampen = VARIANTS[name]
+        torch.manual_seed(seed)
+        self.model = create_model("mobilenet_v2", num_classes=10)
+        if quantized:
+            quantize_model(self.model, QuantConfig(weight_bits=bits, act_bits=bits))
+        self.x = torch.randn(batch, 3, size, size)
+        self.y = torch.randint(0, 10, (batch,))
+        self.model.train()
+        self.model(self.x)  # calibrate quantizer scales
+        scales = [p for n, p in self.model.named_parameters() if n.endswith("scale")]
+        ids = {id(p) for p in scales}
+        self.opt = torch.optim.SGD([p for p in self.model.parameters() if id(p) not in ids], lr=1e-3, momentum=0.9,
+                                   weight_decay=5e-5)
+        self.qopt = torch.optim.Adam(scales, lr=1e-5) if scales else None
+        self.tracker = OscillationTracker(self.model, momentum=1e-3, max_bits=bits) if self.track else None
+        # Freeze with a threshold that some weights do cross, so the frozen path is exercised.
+        self.threshold = 5e-4 if self.freeze else 0.0
+
+    def step(self) -> None:
+        out = self.model(self.x)
+        loss = F.cross_entropy(out, self.y)
+        if self.dampen:
+            loss = loss + 0.1 * dampening_loss(self.model, "kernel_mean", max_bits=8)
+        self.opt.zero_grad(set_to_none=True)
+        if self.qopt:
+            self.qopt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.qopt:
+            self.qopt.step()
+        if self.tracker is not None:
+            self.tracker.step(freeze_threshold=self.threshold)
+
+
+def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_round: int) -> dict:
+    variants = {name: Variant(name, bits, batch, size) for name in VARIANTS}
+    for v in variants.values():
+        for _ in range(warmup):
+            v.step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                variants[name].step()
+            times[name].append((time.perf_counter() - t0) / steps_per_round)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    frozen = 0.0
+    full = variants["full"]
+    if full.tracker is not None:
+        frozen = full.tracker.summary()["frozen_frac"]
+    return {
+        "median_step_s": med,
+        "ratios": {
+            "lsq_over_fp32": med["lsq"] / med["fp32"],
+            "track_over_lsq": med["lsq+track"] / med["lsq"],
+            "track_freeze_over_lsq": med["lsq+track+freeze"] / med["lsq"],
+            "dampen_over_lsq": med["lsq+dampen"] / med["lsq"],
+            "full_over_lsq": med["full"] / med["lsq"],
+        },
+        "full_variant_frozen_frac": frozen,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps-per-round", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run(args.rounds, args.warmup, args.bits, args.batch, args.size, args.steps_per_round)
+    res["setup"] = {"model": "mobilenet_v2", "input": f"{args.batch}x3x{args.size}x{args.size}",
+                    "bits": f"w{args.bits}a{args.bits}", "rounds": args.rounds, "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                    "cpus": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    targets = {"full_over_lsq": 1.05, "lsq_over_fp32": 1.5}
+    print(f"{'variant':<20}{'median step (ms)':>18}")
+    for name, t in res["median_step_s"].items():
+        print(f"{name:<20}{t * 1000:>18.1f}")
+    print()
+    for key, value in res["ratios"].items():
+        target = targets.get(key)
+        verdict = "" if target is None else ("  (target <= %.2f: %s)" % (target, "met" if value <= target else "MISSED"))
+        print(f"{key:<24}{value:>7.3f}{verdict}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
