@@ -31,7 +31,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50,
     layers = bn_layers(model)
     if not layers or num_batches <= 0:
         return 0
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a model may mix train/eval
     momenta = [m.momentum for m in layers]
     model.eval()
     for m in layers:
@@ -51,5 +51,6 @@ def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50,
     finally:
         for m, mom in zip(layers, momenta):
             m.momentum = mom
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return used

@@ -1,0 +1,364 @@
+"""Oscillation tracking, freezing, dampening loss, schedules and BN re-estimation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscqat import (OscillationTracker, QuantConfig, QuantConv2d, QuantLinear, create_model, dampening_loss,
+                    quant_layers, quantize_model, reestimate_bn)
+from oscqat.dampening import layer_dampening_loss
+from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
+
+
+def _set_scale(layer, scale: float) -> None:
+    with torch.no_grad():
+        layer.weight_quantizer.scale.fill_(scale)
+        layer.weight_quantizer.initialized.fill_(True)
+
+
+# ----------------------------------------------------------------------------- tracker
+def _feed(tracker, layer, sequence, freeze_threshold=0.0):
+    """Drive the tracker with a hand-made sequence of integer weights (one tensor per step)."""
+    for ints in sequence:
+        layer.last_weight_int = torch.tensor(ints, dtype=torch.float32).view_as(layer.weight)
+        tracker.step(freeze_threshold=freeze_threshold)
+
+
+def test_tracker_flags_and_frequency_ema_hand_sequence():
+    layer = QuantLinear(4, 1, bias=False, weight_bits=4)
+    m = 0.5
+    tracker = OscillationTracker(layer, momentum=m, max_bits=4)
+    state = tracker.states[""]
+    # four weights, nine steps:
+    #  w0: 0 1 0 0 1 2 1 1 2   -> changes + - . + + - . +  -> oscillations at steps 2, 4, 6, 8
+    #  w1: 0 0 0 0 0 0 0 0 0   -> never moves
+    #  w2: 0 1 2 3 3 3 3 3 3   -> monotone: no oscillation
+    #  w3: 0 2 1 1 1 1 1 1 3   -> +2 then -1 (oscillation: any size counts), later +2 (oscillation again)
+    seq = [
+        [0, 0, 0, 0], [1, 0, 1, 2], [0, 0, 2, 1], [0, 0, 3, 1], [1, 0, 3, 1],
+        [2, 0, 3, 1], [1, 0, 3, 1], [1, 0, 3, 1], [2, 0, 3, 3],
+    ]
+    flags = [  # expected oscillation flag per update (steps 1..8)
+        [0, 0, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0],
+        [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1],
+    ]
+    f = torch.zeros(4)
+    _feed(tracker, layer, seq[:1])
+    assert torch.equal(state.freq.view(-1), f)  # the first step only records the integers
+    for ints, flag in zip(seq[1:], flags):
+        _feed(tracker, layer, [ints])
+        f = m * torch.tensor(flag, dtype=torch.float32) + (1 - m) * f
+        torch.testing.assert_close(state.freq.view(-1), f, rtol=0, atol=1e-7)
+    # closed-form check of w0's EMA: flags 0,1,0,1,0,1,0,1 with m = 0.5
+    assert state.freq.view(-1)[0].item() == pytest.approx(0.6640625)
+    assert state.freq.view(-1)[1].item() == 0.0 and state.freq.view(-1)[2].item() == 0.0
+    assert state.last_dir.view(-1).tolist() == [1, 0, 1, 1]
+    # the integer EMA: x_ema = m * x_int + (1 - m) * x_ema, seeded with the first integers
+    ema = torch.tensor(seq[0], dtype=torch.float32)
+    for ints in seq[1:]:
+        ema = m * torch.tensor(ints, dtype=torch.float32) + (1 - m) * ema
+    torch.testing.assert_close(state.int_ema.view(-1), ema)
+    assert tracker.steps == len(seq)
+
+
+def test_tracker_freezes_at_rounded_integer_ema():
+    layer = QuantLinear(2, 1, bias=False, weight_bits=4)
+    _set_scale(layer, 0.1)
+    tracker = OscillationTracker(layer, momentum=0.2)
+    # w0 oscillates 1,2,1,1,2,1,1,... (mostly 1); w1 stays at 3.
+    seq = [[1 if i % 3 else 2, 3] for i in range(30)]
+    _feed(tracker, layer, seq)
+    assert not layer.frozen_mask.any()  # freeze_threshold 0 = no freezing
+    f0 = tracker.states[""].freq.view(-1)[0].item()
+    assert f0 > 0.3
+    _feed(tracker, layer, [[1, 3]], freeze_threshold=0.3)
+    assert layer.frozen_mask.view(-1).tolist() == [True, False]
+    assert layer.frozen_int.view(-1)[0].item() == 1  # the majority state, not the last one
+    assert layer._any_frozen
+    assert layer.weight_int().view(-1)[0].item() == 1
+
+
+def test_tracker_only_counts_layers_up_to_max_bits():
+    model = quantize_model(create_model("demo_net", num_classes=3, in_chans=1), QuantConfig(weight_bits=4, act_bits=4))
+    tracker = OscillationTracker(model, momentum=0.1, max_bits=4)
+    assert "stem.0" not in tracker.layers and "classifier" not in tracker.layers  # 8-bit layers
+    assert set(tracker.layers) == {n for n, l in quant_layers(model) if l.weight_bits == 4}
+    with pytest.raises(ValueError):
+        OscillationTracker(model, momentum=0.0)
+
+
+def test_tracker_ignores_steps_without_a_new_forward():
+    layer = QuantLinear(3, 2, weight_bits=3)
+    tracker = OscillationTracker(layer, momentum=0.5)
+    state = tracker.states[""]
+    _feed(tracker, layer, [[[0, 1, 0], [0, 0, 0]], [[0, 2, 0], [0, 0, 0]], [[0, 1, 0], [0, 0, 0]]])
+    freq = state.freq.clone()
+    assert freq[0, 1] == 0.5
+    tracker.step()  # no forward since the last step: nothing to compare against
+    tracker.step()
+    torch.testing.assert_close(state.freq, freq)
+
+
+def test_summary_keys_and_fractions():
+    model = quantize_model(create_model("demo_net", num_classes=3, in_chans=1), QuantConfig(weight_bits=4, act_bits=4))
+    model(torch.randn(2, 1, 8, 8))
+    tracker = OscillationTracker(model, momentum=0.1, max_bits=4, report_threshold=0.01)
+    summary = tracker.summary()
+    for key in ("osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac", "layers"):
+        assert key in summary
+    assert summary["osc_frac"] == 0.0 and summary["frozen_frac"] == 0.0
+    assert set(summary["layers"]) == set(tracker.layers)
+    kinds = {n: v["kind"] for n, v in summary["layers"].items()}
+    assert kinds["blocks.0.0"] == "depthwise" and kinds["blocks.0.3"] == "pointwise"
+    for entry in summary["layers"].values():
+        assert {"osc_frac", "frozen_frac", "kind", "numel", "bits"} <= set(entry)
+
+    # mark every depthwise weight oscillating and freeze half of one pointwise layer
+    dw = [n for n, k in kinds.items() if k == "depthwise"]
+    pw = [n for n, k in kinds.items() if k == "pointwise"]
+    for n in dw:
+        tracker.states[n].freq.fill_(0.5)
+    layer = tracker.layers[pw[0]]
+    flat = layer.frozen_mask.view(-1)
+    flat[: flat.numel() // 2] = True
+    layer.refresh_frozen()
+    total = sum(l.weight.numel() for l in tracker.layers.values())
+    dw_total = sum(tracker.layers[n].weight.numel() for n in dw)
+    pw_total = sum(tracker.layers[n].weight.numel() for n in pw)
+    s = tracker.summary()
+    assert s["osc_frac_depthwise"] == 1.0
+    assert s["osc_frac_pointwise"] == 0.0
+    assert s["osc_frac"] == pytest.approx(dw_total / total)
+    assert s["frozen_frac"] == pytest.approx((flat.numel() // 2) / total)
+    assert s["frozen_frac_pointwise"] == pytest.approx((flat.numel() // 2) / pw_total)
+    assert s["layers"][dw[0]]["osc_frac"] == 1.0
+    assert s["layers"][pw[0]]["frozen_frac"] == pytest.approx(0.5, abs=1e-2)
+
+
+def test_tracker_state_dict_round_trip():
+    layer = QuantLinear(3, 2, weight_bits=3)
+    tracker = OscillationTracker(layer, momentum=0.5)
+    _feed(tracker, layer, [[[0, 1, 0], [0, 0, 0]], [[0, 2, 0], [0, 0, 0]], [[0, 1, 0], [1, 0, 0]]])
+    other = OscillationTracker(layer, momentum=0.5)
+    other.load_state_dict(tracker.state_dict())
+    assert other.steps == 3
+    for key in ("prev_int", "last_dir", "freq", "int_ema"):
+        assert torch.equal(getattr(other.states[""], key), getattr(tracker.states[""], key)), key
+
+
+# ----------------------------------------------------------------------------- freezing in training
+def test_frozen_weights_never_change_under_sgd_momentum_and_weight_decay():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QuantLinear(16, 32, weight_bits=2, act_bits=4), nn.ReLU(),
+        QuantLinear(32, 4, weight_bits=2, act_bits=4),
+    )
+    x = torch.randn(256, 16)
+    y = (x[:, :4] * 3).argmax(1)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": 0.05}, {"params": others}], lr=0.2, momentum=0.9)
+    tracker = OscillationTracker(model, momentum=0.2, max_bits=4)
+    layers = list(tracker.layers.values())
+    assert len(layers) == 2
+
+    def train_step(i):
+        idx = torch.arange(i * 32, i * 32 + 32) % 256
+        loss = F.cross_entropy(model(x[idx]), y[idx]) + 0.01 * dampening_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tracker.step(freeze_threshold=0.15)
+
+    for i in range(40):
+        train_step(i)
+    masks = [l.frozen_mask.clone() for l in layers]
+    assert sum(int(m.sum()) for m in masks) > 0, "nothing froze; the test would prove nothing"
+    frozen_int = [l.frozen_int.clone() for l in layers]
+    ints = [l.weight_int().clone() for l in layers]
+    latents = [l.weight.detach().clone() for l in layers]
+    for l, m, fi in zip(layers, masks, frozen_int):
+        assert torch.equal(ints[layers.index(l)][m], fi[m].float())
+
+    for i in range(40, 140):
+        train_step(i)
+    changed = 0
+    for l, m, fi, w_int, w in zip(layers, masks, frozen_int, ints, latents):
+        assert torch.all(l.frozen_mask[m]), "a frozen weight was unfrozen"
+        assert torch.equal(l.frozen_int[m], fi[m])
+        now_int = l.weight_int()
+        assert torch.equal(now_int[m], w_int[m]), "a frozen weight changed its integer value"
+        assert torch.equal(l.weight.detach()[m], w[m]), "a frozen weight's latent value drifted"
+        unfrozen = ~l.frozen_mask
+        changed += int((l.weight.detach()[unfrozen] != w[unfrozen]).sum())
+    assert changed > 0, "training did not move the unfrozen weights"
+
+
+# ----------------------------------------------------------------------------- dampening
+def _hand_layer():
+    """3-bit (n=-4, p=3), scale 0.5. Squared distances to the bin centre, clipped weights give 0:
+    row 0: 0.1 -> c 0 (0.01); 0.6 -> c 0.5 (0.01); 2.0 -> clipped to 1.5 = c (0)
+    row 1: -0.3 -> c -0.5 (0.04); -2.5 -> clipped to -2.0 = c (0); 0.74 -> c 0.5 (0.0576)
+    """
+    layer = QuantLinear(3, 2, bias=False, weight_bits=3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.6, 2.0], [-0.3, -2.5, 0.74]]))
+    _set_scale(layer, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("aggregation,expected", [
+    ("sum", 0.1176),
+    ("mean", 0.1176 / 6),
+    ("kernel_mean", (0.02 / 3) + (0.0976 / 3)),  # sum over output channels of the per-row mean
+])
+def test_dampening_loss_hand_computed(aggregation, expected):
+    layer = _hand_layer()
+    layer(torch.randn(1, 3))
+    loss = dampening_loss(layer, aggregation)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_dampening_kernel_mean_weights_depthwise_elements():
+    """Depthwise 3x3: each element weighs 1/9; sum over the output channels."""
+    conv = QuantConv2d(2, 2, 3, groups=2, bias=False, weight_bits=4)
+    _set_scale(conv, 0.25)
+    w = torch.zeros(2, 1, 3, 3)
+    w[0, 0, 0, 0] = 0.1   # -> c 0.0, d^2 = 0.01
+    w[1, 0, 2, 2] = 0.2   # -> c 0.25, d^2 = 0.0025
+    w[1, 0, 1, 1] = -0.4  # -> c -0.5, d^2 = 0.01
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    conv.weight_int()
+    assert layer_dampening_loss(conv, "kernel_mean").item() == pytest.approx((0.01 + 0.0125) / 9, abs=1e-7)
+    assert layer_dampening_loss(conv, "sum").item() == pytest.approx(0.0225, abs=1e-7)
+    assert layer_dampening_loss(conv, "mean").item() == pytest.approx(0.0225 / 18, abs=1e-7)
+
+
+def test_dampening_gradient_only_to_latent_weights_zero_when_clipped():
+    layer = _hand_layer()
+    layer(torch.randn(1, 3))
+    dampening_loss(layer, "sum").backward()
+    expected = torch.tensor([[2 * 0.1, 2 * 0.1, 0.0], [2 * 0.2, 0.0, 2 * 0.24]])
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=0, atol=1e-6)
+    assert layer.weight_quantizer.scale.grad is None or layer.weight_quantizer.scale.grad.abs().item() == 0.0
+    assert layer.input_quantizer is None
+
+
+def test_dampening_ignores_frozen_weights_and_high_bit_layers():
+    layer = _hand_layer()
+    with torch.no_grad():
+        layer.frozen_mask[1, 2] = True
+        layer.frozen_int[1, 2] = 1
+    layer.refresh_frozen()
+    layer.weight_int()
+    assert dampening_loss(layer, "sum").item() == pytest.approx(0.1176 - 0.0576, abs=1e-6)
+    model = nn.Sequential(_hand_layer(), nn.Identity())
+    model[0].weight_int()
+    assert dampening_loss(model, "sum", max_bits=2).item() == 0.0  # 3-bit layer excluded
+    assert dampening_loss(model, "sum", max_bits=3).item() == pytest.approx(0.1176, abs=1e-6)
+    with pytest.raises(ValueError):
+        dampening_loss(model, "median")
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_dampen_lambda_cosine_ramp():
+    assert dampen_lambda(0.0, 0.1) == 0.0
+    assert dampen_lambda(0.2499, 0.1) == 0.0
+    assert dampen_lambda(0.25, 0.1) == pytest.approx(0.0)
+    assert dampen_lambda(0.625, 0.1) == pytest.approx(0.05)  # half way through the ramp
+    assert dampen_lambda(1.0, 0.1) == pytest.approx(0.1)
+    r = 0.3
+    assert dampen_lambda(0.25 + 0.75 * r, 0.1) == pytest.approx(0.1 * (1 - math.cos(math.pi * r)) / 2)
+    assert dampen_lambda(0.5, 2.0, start=0.0) == pytest.approx(1.0)
+    values = [dampen_lambda(p / 100, 0.1) for p in range(101)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_freeze_threshold_cosine_ramp():
+    assert freeze_threshold(0.1, 0.1, 0.01) == 0.0  # no freezing before the start
+    assert freeze_threshold(0.25, 0.1, 0.01) == pytest.approx(0.1)
+    assert freeze_threshold(0.625, 0.1, 0.01) == pytest.approx(0.055)
+    assert freeze_threshold(1.0, 0.1, 0.01) == pytest.approx(0.01)
+    assert freeze_threshold(0.5, 0.2, 0.02, start=0.5) == pytest.approx(0.2)
+    values = [freeze_threshold(p / 100, 0.1, 0.01) for p in range(25, 101)]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+
+
+def test_cosine_lr_factor():
+    assert cosine_lr_factor(0, 10) == 1.0
+    assert cosine_lr_factor(5, 10) == pytest.approx(0.5)
+    assert cosine_lr_factor(10, 10) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- BN re-estimation
+def _bn_model():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=0.1), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    return model
+
+
+def test_reestimate_bn_population_statistics():
+    torch.manual_seed(0)
+    model = _bn_model()
+    bn = model[1]
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 2, 4, 4, generator=gen) * (1 + i) + i, torch.zeros(8)) for i in range(6)]
+    with torch.no_grad():
+        feats = [model[0](x) for x, _ in batches[:4]]
+    model.train()
+    used = reestimate_bn(model, batches, num_batches=4)
+    assert used == 4
+    # cumulative average of the per-batch statistics (= the mean of the 4 batches, equal sizes)
+    per_mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats])
+    per_var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats])
+    torch.testing.assert_close(bn.running_mean, per_mean.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, torch.cat(feats).mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, per_var.mean(0), rtol=1e-5, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 4
+    # momentum and modes are restored
+    assert bn.momentum == 0.1
+    assert model.training and bn.training and model[3].training
+
+
+def test_reestimate_bn_iid_batches_match_pooled_variance():
+    model = _bn_model()
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(64, 2, 4, 4, generator=gen) * 2 + 1 for _ in range(20)]
+    with torch.no_grad():
+        pooled = model[0](torch.cat(batches))
+    model.eval()
+    reestimate_bn(model, batches, num_batches=50)
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, pooled.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, pooled.var(dim=(0, 2, 3)), rtol=2e-2, atol=1e-3)
+    assert not model.training and not bn.training and bn.momentum == 0.1
+
+
+def test_reestimate_bn_keeps_dropout_off_and_restores_mixed_modes():
+    model = _bn_model()
+    model.train()
+    model[3].eval()  # e.g. a deliberately frozen submodule
+    seen_dropout_modes = []
+    model[3].register_forward_hook(lambda m, i, o: seen_dropout_modes.append(m.training))
+    reestimate_bn(model, [torch.randn(4, 2, 4, 4) for _ in range(3)], num_batches=3)
+    assert seen_dropout_modes == [False, False, False]  # only BN runs in train mode
+    assert model.training and model[1].training
+    assert not model[3].training, "a submodule's own mode was not restored"
+
+
+def test_reestimate_bn_changes_eval_output():
+    """After re-estimation the eval-mode BN normalises the re-estimation data to ~zero mean."""
+    model = _bn_model()
+    x = torch.randn(32, 2, 4, 4) * 3 + 5
+    reestimate_bn(model, [x], num_batches=1)
+    model.eval()
+    with torch.no_grad():
+        out = model[1](model[0](x))
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (out.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05

@@ -1,0 +1,115 @@
+"""``oscqat train``: JSON output and user-facing config errors (exit 2, field named, no traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from oscqat_helpers import DEMO_CONFIG, tiny_train_kwargs
+from oscqat.trainer import METRIC_NAMES
+from oscqat_cli import app
+
+runner = CliRunner()
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data.update(changes)
+    return _write(tmp_path, yaml.safe_dump(data))
+
+
+def test_train_demo_json(tmp_path):
+    result = runner.invoke(app, ["train", str(DEMO_CONFIG), "--epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # stdout holds exactly one JSON document
+    assert set(payload) == {"epochs", "final"}
+    assert len(payload["epochs"]) == 1
+    assert payload["final"] == payload["epochs"][-1]
+    assert set(payload["final"]) == set(METRIC_NAMES)
+    assert payload["final"]["epoch"] == 1
+    assert 0.0 <= payload["final"]["val_top1"] <= 1.0
+    assert payload["final"]["val_top1"] > 0.3  # W3A3 after one epoch: far above chance (0.1)
+
+
+def test_train_out_dir_writes_artifacts_and_resumes(tmp_path):
+    cfg = _write(tmp_path, yaml.safe_dump(tiny_train_kwargs(epochs=1, bn_reestimate_batches=2)))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(cfg), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for name in ("checkpoint.pt", "model.pt", "metrics.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 1
+    # a second call with more epochs resumes from the checkpoint instead of starting over
+    result = runner.invoke(app, ["train", str(cfg), "--out", str(out), "--epochs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    epochs = json.loads(result.stdout)["epochs"]
+    assert [m["epoch"] for m in epochs] == [1, 2]
+    assert epochs[0]["val_top1"] == metrics["epochs"][0]["val_top1"]
+
+
+BAD_CONFIGS = [
+    ({"arch": "vgg16"}, "arch"),
+    ({"bits": "w1a1"}, "bits"),
+    ({"bits": "w9a9"}, "bits"),
+    ({"bits": "int4"}, "bits"),
+    ({"dataset": "imagefolder"}, "data_dir"),
+    ({"dataset": "imagefolder", "data_dir": "/nonexistent/imagenet"}, "data_dir"),
+    ({"dampen_lambda": -0.1}, "dampen_lambda"),
+    ({"freeze_threshold_start": 0.01, "freeze_threshold_end": 0.05}, "freeze_threshold_end"),
+    ({"lr": 0.0}, "lr"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"dampen_lamda": 0.1}, "dampen_lamda"),  # typo: unknown key
+    ({"pretrained": "/nonexistent/fp.pt"}, "pretrained"),
+]
+
+
+@pytest.mark.parametrize("changes,field", BAD_CONFIGS, ids=[f for _, f in BAD_CONFIGS])
+def test_invalid_config_exits_2_naming_the_field(tmp_path, changes, field):
+    path = _config(tmp_path, **changes)
+    result = runner.invoke(app, ["train", str(path), "--epochs", "1", "--json"])
+    assert result.exit_code == 2, result.output
+    assert field in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""  # nothing half-written on stdout
+    assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "empty"),
+    ("# only a comment\n", "empty"),
+    ("arch: [demo_net\nbits: : w4\n", "YAML"),
+    ("- arch\n- bits\n", "mapping"),
+    ("just a string\n", "mapping"),
+])
+def test_unreadable_config_exits_2(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "not found" in result.stderr and "Traceback" not in result.output
+
+
+def test_diverging_run_fails_cleanly(tmp_path):
+    cfg = _write(tmp_path, yaml.safe_dump(tiny_train_kwargs(
+        bits="w4a4", lr=10.0, weight_decay=1.0, momentum=0.9, batch_size=16, epochs=1, lr_schedule="constant")))
+    result = runner.invoke(app, ["train", str(cfg), "--json"])
+    assert result.exit_code == 1, result.output
+    assert "non-finite" in result.stderr
+    assert "Traceback" not in result.output

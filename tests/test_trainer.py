@@ -1,0 +1,124 @@
+"""Trainer: resumable state, a short W3A3 demo run, FP -> QAT, non-finite losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oscqat_helpers import DEMO_CONFIG, tiny_train_kwargs
+from oscqat import METRIC_NAMES, NonFiniteLossError, TrainConfig, Trainer, layer_bits, quant_layers
+
+TIMING_METRICS = {"epoch_time_s", "samples_per_s"}
+
+
+def _resume_cfg(**overrides) -> TrainConfig:
+    """dampen+freeze with schedules that start at once, so freezing happens in the first epoch."""
+    kw = tiny_train_kwargs(
+        method="dampen+freeze", epochs=2, dampen_start=0.0, freeze_start=0.0, osc_momentum=0.05,
+        freeze_threshold_start=0.05, freeze_threshold_end=0.02, dampen_lambda=0.1,
+    )
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def test_save_resume_equals_uninterrupted_run(tmp_path):
+    cfg = _resume_cfg()
+    straight = Trainer(cfg)
+    full = straight.fit()
+    assert [m["epoch"] for m in full] == [1, 2]
+
+    first = Trainer(cfg)
+    m1 = first.run_epoch()
+    assert m1["frozen_frac"] > 0, "no weight froze in epoch 1: the resume test would not cover freezing"
+    torch.rand(100)  # stands in for RNG use during training (dropout in the torchvision archs)
+    rng = torch.get_rng_state()
+    ckpt = first.save(tmp_path / "run" / "checkpoint.pt")
+    del first
+    torch.manual_seed(12345)  # disturb the global RNG: load must restore it (dropout in other archs)
+    resumed = Trainer.load(ckpt)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert resumed.epoch == 1 and resumed.global_step == resumed.steps_per_epoch
+    m2 = resumed.run_epoch()
+    assert resumed.done
+    history = resumed.history
+    assert len(history) == 2
+    assert full[1]["frozen_frac"] >= full[0]["frozen_frac"] > 0
+
+    for epoch, (a, b) in enumerate(zip(full, history), start=1):
+        assert set(a) == set(METRIC_NAMES) == set(b)
+        for name in METRIC_NAMES:
+            if name in TIMING_METRICS:
+                continue
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), (epoch, name)
+    assert history[1] is m2
+    # the models themselves are identical: weights, scales, frozen masks and integers, BN stats
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    ta, tb = straight.tracker.state_dict(), resumed.tracker.state_dict()
+    assert ta["steps"] == tb["steps"] == 2 * straight.steps_per_epoch
+    for name in ta["layers"]:
+        assert torch.equal(ta["layers"][name]["freq"], tb["layers"][name]["freq"]), name
+
+
+def test_tracker_counts_training_steps_only():
+    trainer = Trainer(_resume_cfg(epochs=1, method="lsq"))
+    trainer.run_epoch()  # includes two evaluations and a BN re-estimation pass
+    assert trainer.tracker.steps == trainer.steps_per_epoch == trainer.global_step
+    freq = {n: s.freq.clone() for n, s in trainer.tracker.states.items()}
+    assert any(f.sum() > 0 for f in freq.values())
+    trainer.evaluate()
+    trainer.evaluate()
+    for name, state in trainer.tracker.states.items():
+        assert torch.equal(state.freq, freq[name]), "evaluation changed the oscillation frequencies"
+
+
+def test_short_w3a3_demo_run_reaches_sensible_accuracy():
+    cfg = TrainConfig.from_yaml(DEMO_CONFIG, epochs=3, device="cpu")
+    assert cfg.bits == "w3a3" and cfg.method == "dampen+freeze"
+    trainer = Trainer(cfg)
+    bits = layer_bits(trainer.model)
+    body = {n: b for n, b in bits.items() if n not in ("stem.0", "classifier")}
+    assert body and all(b == (3, 3) for b in body.values())
+    history = trainer.fit()
+    final = history[-1]
+    assert set(final) == set(METRIC_NAMES)
+    assert final["val_top1"] >= 0.85, history  # 10 classes: chance is 0.1
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert final["dampen_lambda"] > 0 and final["freeze_threshold"] > 0
+    for m in history:
+        for name in METRIC_NAMES:
+            assert isinstance(m[name], (int, float)) and m[name] == m[name], name  # no NaN
+
+
+def test_fp_training_then_qat_from_its_saved_model(tmp_path):
+    fp_cfg = TrainConfig(**tiny_train_kwargs(bits="fp32", epochs=2))
+    fp = Trainer(fp_cfg)
+    assert fp.tracker is None and fp.quant_optimizer is None
+    assert not list(quant_layers(fp.model))
+    fp_hist = fp.fit()
+    assert fp_hist[-1]["val_top1"] >= 0.85
+    assert fp_hist[-1]["osc_frac"] == 0.0 and fp_hist[-1]["dampen_loss"] == 0.0
+    path = fp.save_model(tmp_path / "fp" / "model.pt")
+
+    qat_cfg = TrainConfig(**tiny_train_kwargs(bits="w4a4", epochs=1, method="freeze", pretrained=str(path)))
+    qat = Trainer(qat_cfg)
+    fp_state = fp.model.state_dict()
+    for name, layer in quant_layers(qat.model):  # the float weights were loaded, then quantized
+        assert torch.equal(layer.weight.detach(), fp_state[name + ".weight"]), name
+    # before any QAT step the quantized model already classifies well (starts from FP, not scratch)
+    _, top1_start = qat.evaluate()
+    assert top1_start >= 0.5
+    metrics = qat.run_epoch()
+    assert metrics["val_top1"] >= 0.85
+
+
+def test_absurd_learning_rate_raises_non_finite_loss():
+    # lr 10 with weight decay 1 and momentum 0.9 grows the latent weights ~10x per step: inf, then NaN
+    cfg = TrainConfig(**tiny_train_kwargs(bits="w4a4", lr=10.0, weight_decay=1.0, momentum=0.9, batch_size=16,
+                                          epochs=1, lr_schedule="constant"))
+    trainer = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+        trainer.run_epoch()
+    assert trainer.global_step < trainer.steps_per_epoch
