@@ -41,7 +41,8 @@ class QuantMixin:
             weight_bits, signed=True, per_channel=per_channel, num_channels=out_channels, init=init
         )
         self.input_quantizer = (
-            LSQQuantizer(act_bits, signed=None, per_channel=False, init=init) if act_bits is not None else None
+            LSQQuantizer(act_bits, signed=None, per_channel=False, init=init, batch_axis=0)
+            if act_bits is not None else None
         )
         # Frozen weights (iterative freezing): mask and the integer each one is pinned to.
         self.register_buffer("frozen_mask", torch.zeros_like(self.weight, dtype=torch.bool))
@@ -66,23 +67,24 @@ class QuantMixin:
     def is_pointwise(self) -> bool:
         return isinstance(self, nn.Conv2d) and self.groups == 1 and tuple(self.kernel_size) == (1, 1)
 
-    def _quantize_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_weight(self, remember: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         if self._any_frozen:
             w_hat, w_int = self.weight_quantizer.quantize(self.weight, self.frozen_mask, self.frozen_int)
         else:
             w_hat, w_int = self.weight_quantizer.quantize(self.weight)
-        self.last_weight_int = w_int
+        if remember:  # the forward's integers, read by the tracker and the dampening loss
+            self.last_weight_int = w_int
         return w_hat, w_int
 
     def weight_int(self) -> torch.Tensor:
         """The integer weight used in forward (frozen values applied), without gradient."""
         with torch.no_grad():
-            return self._quantize_weight()[1]
+            return self._quantize_weight(remember=False)[1]
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight ``s * x_int`` used in forward (frozen values applied)."""
         with torch.no_grad():
-            return self._quantize_weight()[0]
+            return self._quantize_weight(remember=False)[0]
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quantizer(x) if self.input_quantizer is not None else x

@@ -111,7 +111,8 @@ class OscillationTracker:
         for name, layer in self.layers.items():
             st = self.states[name]
             total = st.freq.numel()
-            osc = int((st.freq > self.report_threshold).sum())
+            # frozen weights no longer oscillate (their frequency only decays): count them as frozen
+            osc = int(((st.freq > self.report_threshold) & ~layer.frozen_mask).sum())
             frozen = int(layer.frozen_mask.sum())
             kind = layer_kind(layer)
             per_layer[name] = {

@@ -80,6 +80,9 @@ class LSQQuantizer(nn.Module):
         per_channel: one scale per slice along ``channel_axis`` (weights: output channels).
         grad_scale: apply LSQ's ``1/sqrt(N * p)`` gradient scale to the scale.
         init: ``"mse"`` (grid search over 100 clipping ratios) or ``"minmax"``.
+        batch_axis: for activations, the batch dimension: LSQ's ``N`` in the gradient scale is
+            then the number of features per sample, so the scale's step size does not depend on
+            the batch size.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class LSQQuantizer(nn.Module):
         channel_axis: int = 0,
         grad_scale: bool = True,
         init: str = "mse",
+        batch_axis: int | None = None,
     ):
         super().__init__()
         if init not in ("mse", "minmax"):
@@ -102,6 +106,7 @@ class LSQQuantizer(nn.Module):
         self.channel_axis = channel_axis
         self.use_grad_scale = grad_scale
         self.init_method = init
+        self.batch_axis = batch_axis
         self.scale = nn.Parameter(torch.ones(num_channels if per_channel else ()))
         self.register_buffer("initialized", torch.tensor(False))
         # -1: decide at calibration, 0: unsigned, 1: signed
@@ -173,6 +178,8 @@ class LSQQuantizer(nn.Module):
         grad_scale = 1.0
         if self.use_grad_scale:
             per_scale = x.numel() // max(self.scale.numel(), 1)
+            if self.batch_axis is not None and x.dim() > 0:
+                per_scale //= max(x.shape[self.batch_axis], 1)
             grad_scale = 1.0 / math.sqrt(max(per_scale * p, 1))
         scale = self._broadcast_scale(x)
         if x.dtype != torch.float32:
