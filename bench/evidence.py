@@ -290,7 +290,8 @@ def write_markdown(res: dict, quick: bool, command: str, elapsed: float) -> str:
         "",
         "![oscillations](figures/oscillation_fraction.png)",
         "",
-        "Fraction of weights whose oscillation frequency EMA exceeds 0.005 (momentum 0.01), plain LSQ, from an FP checkpoint.",
+        "Fraction of (non-frozen) weights whose oscillation-frequency EMA exceeds 2m (m = 0.01: more than about two "
+        "oscillations in the last ~100 steps), plain LSQ, from an FP checkpoint.",
         "",
         "| model / bits | final osc. depthwise | final osc. pointwise | BN mean shift before → after re-est. | BN log-var ratio before → after | top-1 before → after re-est. |",
         "|---|---|---|---|---|---|",
@@ -386,7 +387,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny budgets to check the pipeline (numbers meaningless)")
     ap.add_argument("--only", choices=("toy", "oscillation", "accuracy", "search"), action="append")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest for these tiny models, and robust on a busy machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     FIG.mkdir(parents=True, exist_ok=True)
     command = "python bench/evidence.py" + (" --quick" if args.quick else "")
     start = time.perf_counter()
@@ -403,6 +407,10 @@ def main() -> None:
                   "search": search_section}[name]
             res[name] = fn(args.quick) if name == "toy" else fn(args.quick, work)
             res_path.write_text(json.dumps(res, indent=1, default=float))
+    missing = [s for s in ("toy", "oscillation", "accuracy", "search") if s not in res]
+    if missing:
+        log(f"partial results in {res_path}; RESULTS.md needs the sections {missing} too")
+        return
     res["discussion"] = discussion(res)
     res_path.write_text(json.dumps(res, indent=1, default=float))
     (DOCS / "RESULTS.md").write_text(write_markdown(res, args.quick, command, time.perf_counter() - start))

@@ -41,15 +41,17 @@ class OscillationTracker:
         momentum: EMA momentum ``m`` for the frequency and the integer EMA.
         max_bits: track layers whose weight bits are ``<= max_bits``.
         report_threshold: a weight counts as oscillating in ``summary`` when ``f`` exceeds it.
+            Default ``2 * momentum``: more than about two oscillations within the EMA's horizon
+            of ``1/m`` steps, so the fraction means the same whatever momentum a trial uses.
     """
 
     def __init__(self, module: nn.Module, momentum: float = 1e-3, max_bits: int = 4,
-                 report_threshold: float = 0.005):
+                 report_threshold: float | None = None):
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.momentum = momentum
         self.max_bits = max_bits
-        self.report_threshold = report_threshold
+        self.report_threshold = 2.0 * momentum if report_threshold is None else report_threshold
         self.layers: dict[str, QuantMixin] = {
             name: layer for name, layer in quant_layers(module) if layer.weight_bits <= max_bits
         }
