@@ -24,7 +24,7 @@ from oscqat.dampening import dampening_loss
 from oscqat.data import DataBundle, build_data
 from oscqat.layers import QuantMixin
 from oscqat.models import create_model
-from oscqat.models.registry import load_state_into
+from oscqat.models.registry import load_state_into, safe_torch_load
 from oscqat.oscillation import OscillationTracker
 from oscqat.quantize import QuantConfig, quantize_model
 from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
@@ -324,7 +324,7 @@ class Trainer:
     @classmethod
     def load(cls, path: str | Path, config: TrainConfig | None = None, data: DataBundle | None = None) -> "Trainer":
         """Rebuild a Trainer from a checkpoint (its own config unless one is given)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)
         cfg = config or TrainConfig.model_validate(state["config"])
         trainer = cls(cfg, data=data)
         trainer.load_state_dict(state)

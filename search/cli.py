@@ -33,9 +33,11 @@ def _results_table(results, title: str, statuses: list[str] | None = None) -> Ta
 
 
 def _print_next_steps(campaign) -> None:
-    console.print(f"\nCompare trials in the MLflow UI:  [bold]mlflow ui --backend-store-uri {campaign.mlflow.tracking_uri}[/]"
-                  if campaign.mlflow.tracking_uri.startswith("sqlite") else
-                  f"\nCompare trials in the MLflow UI at {campaign.mlflow.tracking_uri}")
+    from search.searcher import redact
+
+    uri = redact(campaign.mlflow.tracking_uri)  # never print credentials
+    console.print(f"\nCompare trials in the MLflow UI:  [bold]mlflow ui --backend-store-uri {uri}[/]"
+                  if uri.startswith("sqlite") else f"\nCompare trials in the MLflow UI at {uri}")
     if campaign.optuna_storage.startswith("sqlite"):
         console.print(f"Optuna dashboard:                 [bold]optuna-dashboard {campaign.optuna_storage}[/]")
     console.print(f"Export the winner:                [bold]oscqat report export {campaign.name} "

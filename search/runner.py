@@ -110,8 +110,10 @@ def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tu
     import torch
 
     if target.pretrained:
+        from oscqat.models.registry import safe_torch_load  # ValueError (exit 2) for a file needing unpickling
+
         path = Path(target.pretrained).expanduser().resolve()
-        return str(path), torch.load(path, map_location="cpu", weights_only=True)
+        return str(path), safe_torch_load(path)
     path = campaign_dir / "fp" / f"{target.arch}.pt"
     if not path.is_file():
         import ray

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import tempfile
 import time
@@ -34,6 +35,15 @@ _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "a
 def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry a refused connection for ~4 minutes per request: that would stall
+        # the Tune driver on every event while a server is down (the callback buffers and retries
+        # writes itself) and delay the pre-flight check. Settings the user made win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        if redact(uri) != uri:  # MLflow prints "View run ... at: <tracking URI>", credentials included
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
 
 
@@ -129,10 +139,13 @@ class MlflowTrialCallback(Callback):
         self._retries: dict[str, int] = {}
         self._pending: deque = deque()  # (description, fn) of writes that failed
         self._loaded_existing = False
+        self._flushing = False  # a write that creates a run queues more writes: no re-entry
+        self._retry_at = 0.0  # after a failed write, wait before trying the server again
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "_pending", "_loaded_existing"):
+        for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "_pending", "_loaded_existing",
+                    "_flushing", "_retry_at"):
             state.pop(key, None)
         return state
 
@@ -152,22 +165,35 @@ class MlflowTrialCallback(Callback):
         self._pending.append((description, fn))
         self.flush()
 
-    def flush(self, attempts: int = 1, wait_s: float = 0.0) -> bool:
-        for attempt in range(attempts):
-            while self._pending:
-                description, fn = self._pending[0]
-                try:
-                    fn()
-                except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-                    log.warning("MLflow write %s failed (%s); %d write(s) buffered", description,
-                                exc.__class__.__name__, len(self._pending))
-                    break
-                self._pending.popleft()
-            if not self._pending:
-                return True
-            if attempt + 1 < attempts:
-                time.sleep(wait_s)
-        return not self._pending
+    RETRY_INTERVAL_S = 5.0
+
+    def flush(self, attempts: int = 1, wait_s: float = 0.0, force: bool = False) -> bool:
+        if self._flushing:
+            return False
+        if self._pending and not force and time.monotonic() < self._retry_at:
+            return False  # the server failed moments ago: keep buffering, do not stall the driver
+        self._flushing = True
+        try:
+            for attempt in range(attempts):
+                if force:
+                    self._retry_at = 0.0
+                while self._pending:
+                    description, fn = self._pending[0]
+                    try:
+                        fn()
+                    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+                        self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
+                        log.warning("MLflow write %s failed (%s); %d write(s) buffered", description,
+                                    exc.__class__.__name__, len(self._pending))
+                        break
+                    self._pending.popleft()
+                if not self._pending:
+                    return True
+                if attempt + 1 < attempts:
+                    time.sleep(wait_s)
+            return not self._pending
+        finally:
+            self._flushing = False
 
     def _load_existing(self) -> None:
         if self._loaded_existing:
@@ -175,16 +201,21 @@ class MlflowTrialCallback(Callback):
         for trial_id, run in find_child_runs(self.client, self.experiment_id, self.parent_run_id).items():
             self._runs[trial_id] = run.info.run_id
             history = self.client.get_metric_history(run.info.run_id, "val_top1")
-            self._logged_epoch[trial_id] = max((m.step for m in history), default=0)
+            self._logged_epoch[trial_id] = max([self._logged_epoch.get(trial_id, 0), *(m.step for m in history)])
         self._loaded_existing = True
 
     def _ensure_run(self, trial) -> str | None:
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        if time.monotonic() < self._retry_at:
+            return None  # the server failed moments ago: do not stall the driver on it again
         try:
             self._load_existing()
         except Exception as exc:  # noqa: BLE001
+            self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
             log.warning("MLflow unreachable while looking up runs: %s", exc.__class__.__name__)
             return None
-        tid = trial.trial_id
         if tid in self._runs:
             return self._runs[tid]
         params = {**self.base_config, **trial.config}
@@ -195,17 +226,26 @@ class MlflowTrialCallback(Callback):
             run = self.client.create_run(self.experiment_id, run_name=tid,
                                          tags={k: safe_value(k, v) for k, v in tags.items()})
         except Exception as exc:  # noqa: BLE001
+            self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
             log.warning("could not create MLflow run for %s: %s", tid, exc.__class__.__name__)
             return None
         run_id = run.info.run_id
         self._runs[tid] = run_id
-        self._logged_epoch[tid] = 0
+        self._logged_epoch.setdefault(tid, 0)  # epochs buffered before the run existed stay counted
         from mlflow.entities import Param
 
         items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 90):
             chunk = items[i:i + 90]
             self._write(f"params of {tid}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
+        return run_id
+
+    def _run_for(self, trial) -> str:
+        """The trial's run id, created now if the server was down before; raises while it still is,
+        so a buffered write that needs the run stays buffered instead of being dropped."""
+        run_id = self._ensure_run(trial)
+        if run_id is None:
+            raise ConnectionError(f"no MLflow run for trial {trial.trial_id} yet")
         return run_id
 
     # Tune events -------------------------------------------------------------------
@@ -216,29 +256,29 @@ class MlflowTrialCallback(Callback):
         self._ensure_run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._ensure_run(trial)
+        self._ensure_run(trial)
         tid = trial.trial_id
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if "layer_osc" in result:
             hist = self._layer_osc.setdefault(tid, [])
             hist[:] = [h for h in hist if h["epoch"] < epoch] + [{"epoch": epoch, "layers": dict(result["layer_osc"])}]
-        if run_id is None or epoch <= self._logged_epoch.get(tid, 0):
-            return  # already logged before a driver restart: no duplicates
+        if epoch <= self._logged_epoch.get(tid, 0):
+            return  # already logged (or buffered), e.g. before a driver restart: no duplicates
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), ts, epoch) for k in SCALAR_METRICS
                    if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
         self._logged_epoch[tid] = epoch
-        self._write(f"metrics of {tid} epoch {epoch}", lambda: self.client.log_batch(run_id, metrics=metrics))
+        self._write(f"metrics of {tid} epoch {epoch}",
+                    lambda: self.client.log_batch(self._run_for(trial), metrics=metrics))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         tid = trial.trial_id
         self._retries[tid] = self._retries.get(tid, 0) + 1
-        run_id = self._ensure_run(trial)
-        if run_id:
-            n = self._retries[tid]
-            self._write(f"retry tag of {tid}", lambda: self.client.set_tag(run_id, f"{TAG}retries", str(n)))
+        self._ensure_run(trial)
+        n = self._retries[tid]
+        self._write(f"retry tag of {tid}", lambda: self.client.set_tag(self._run_for(trial), f"{TAG}retries", str(n)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -252,17 +292,16 @@ class MlflowTrialCallback(Callback):
         self._finish(trial, "FAIL", str(reason).strip().splitlines()[-1] if reason else None)
 
     def _finish(self, trial, state: str, reason: str | None) -> None:
-        run_id = self._ensure_run(trial)
-        if run_id is None:
-            return
+        self._ensure_run(trial)
         tid = trial.trial_id
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
-        self._write(f"state of {tid}", lambda: self.client.set_tag(run_id, f"{TAG}state", state))
+        run = lambda: self._run_for(trial)  # noqa: E731 - resolved when the write goes out
+        self._write(f"state of {tid}", lambda: self.client.set_tag(run(), f"{TAG}state", state))
         if reason:
             self._write(f"failure reason of {tid}",
-                        lambda: self.client.set_tag(run_id, f"{TAG}failure_reason", safe_value("reason", reason)[:4000]))
-        self._write(f"artifacts of {tid}", lambda: self._log_artifacts(run_id, trial))
-        self._write(f"status of {tid}", lambda: self.client.set_terminated(run_id, status))
+                        lambda: self.client.set_tag(run(), f"{TAG}failure_reason", safe_value("reason", reason)[:4000]))
+        self._write(f"artifacts of {tid}", lambda: self._log_artifacts(run(), trial))
+        self._write(f"status of {tid}", lambda: self.client.set_terminated(run(), status))
 
     def _log_artifacts(self, run_id: str, trial) -> None:
         from oscqat.config import TrainConfig
@@ -279,5 +318,5 @@ class MlflowTrialCallback(Callback):
             self.client.log_artifacts(run_id, tmp)
 
     def on_experiment_end(self, trials, **info):
-        if not self.flush(attempts=10, wait_s=3.0):
+        if not self.flush(attempts=10, wait_s=3.0, force=True):
             log.error("%d MLflow write(s) could not be delivered; run `oscqat report sync` later", len(self._pending))

@@ -31,7 +31,7 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
     """One trial: ``base_config`` (campaign base + target) updated with the sampled ``params``."""
     _set_threads()
     cfg = TrainConfig.model_validate({**base_config, **params, "pretrained": None})
-    fault = os.environ.get("OSCQAT_FAULT_INJECT")  # test hook: "raise@EPOCH" / "kill@EPOCH"
+    fault = os.environ.get("OSCQAT_FAULT_INJECT")  # test hook, see _maybe_inject_fault
     trainer = Trainer(cfg, pretrained_state=fp_state)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -39,6 +39,7 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
             trainer.load_state_dict(state)
     while not trainer.done:
+        _maybe_inject_fault(fault, trainer.epoch + 1, checkpoint is not None, cfg, trainer, before=True)
         try:
             metrics = trainer.run_epoch()
         except NonFiniteLossError as exc:
@@ -47,7 +48,7 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
             tune.report({**last, "epoch": trainer.epoch, "val_top1": 0.0, "failure_reason": str(exc),
                          "max_epochs": cfg.epochs})
             return
-        _maybe_inject_fault(fault, trainer.epoch, checkpoint is not None)
+        _maybe_inject_fault(fault, trainer.epoch, checkpoint is not None, cfg)
         layer_osc = {name: round(v["osc_frac"], 6) for name, v in trainer.layer_history[-1].items()}
         with tempfile.TemporaryDirectory() as tmp:
             trainer.save(Path(tmp) / CHECKPOINT_FILE)
@@ -56,14 +57,32 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool) -> None:
-    """Fault injection for the reliability tests; active only when OSCQAT_FAULT_INJECT is set."""
+def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool, cfg: TrainConfig | None = None,
+                        trainer: Trainer | None = None, before: bool = False) -> None:
+    """Fault injection for the reliability tests; active only when OSCQAT_FAULT_INJECT is set,
+    and only on a trial's first (non-restored) attempt.
+
+    ``spec`` is a comma-separated list of ``KIND@EPOCH[:FIELD=VALUE]``: ``raise`` (an exception once
+    epoch EPOCH has trained, before it is reported), ``kill`` (SIGKILL of the trial process at the
+    same point), ``nan`` (NaN written into the model's weights before epoch EPOCH, so that epoch's
+    loss is non-finite). ``FIELD=VALUE`` limits a fault to trials whose TrainConfig field has that
+    value, e.g. ``raise@2:method=lsq,nan@2:method=freeze``.
+    """
     if not spec or restored:
         return
-    kind, _, at = spec.partition("@")
-    if str(epoch) != at:
-        return
-    if kind == "raise":
-        raise RuntimeError(f"injected fault at epoch {epoch}")
-    if kind == "kill":
-        os.kill(os.getpid(), 9)
+    for item in spec.split(","):
+        kind, _, rest = item.strip().partition("@")
+        at, _, cond = rest.partition(":")
+        if at.strip() != str(epoch) or (kind == "nan") != before:
+            continue
+        if cond:
+            key, _, want = cond.partition("=")
+            if cfg is None or str(getattr(cfg, key.strip(), None)) != want.strip():
+                continue
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at epoch {epoch}")
+        if kind == "kill":
+            os.kill(os.getpid(), 9)
+        if kind == "nan" and trainer is not None:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))

@@ -120,9 +120,21 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | None = No
     return model
 
 
+def safe_torch_load(path: str | Path):
+    """``torch.load(..., weights_only=True)``; a file that needs arbitrary unpickling (code objects,
+    ``__reduce__`` payloads) is refused with a ValueError naming the file, and nothing in it runs."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise ValueError(f"{path}: refused to load: not a plain tensor checkpoint (weights_only=True). {detail}") from None
+
+
 def load_float_weights(model: nn.Module, path: str | Path) -> None:
     """Load a float state dict (or the ``model`` entry of a training checkpoint) strictly."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path)
     load_state_into(model, state, source=str(path))
 
 
