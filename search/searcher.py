@@ -128,8 +128,16 @@ def fail_orphaned_trials(storage_url: str, study_name: str, known_trial_ids: set
 
 
 _SECRET_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+# a bare token as the user part of an http(s) URI: https://TOKEN@host
+_TOKEN_USER = re.compile(r"(?P<scheme>https?://)(?P<tok>[^:/@\s]{16,})@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:[A-Za-z0-9_.-]*(?:token|secret|password|passwd|pwd|key|signature|credential)[A-Za-z0-9_.-]*))="
+    r"(?P<val>[^&#\s]+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Hide credentials inside URIs (``postgresql://user:pw@host`` -> ``postgresql://user:***@host``)."""
-    return _SECRET_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """Hide credentials in URIs: ``user:pw@`` passwords, bare ``https://TOKEN@`` tokens and
+    secret-looking query parameters (``?token=...``, ``&X-Amz-Signature=...``)."""
+    text = _SECRET_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _TOKEN_USER.sub(lambda m: f"{m['scheme']}***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}=***", text)
