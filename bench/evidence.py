@@ -354,10 +354,11 @@ def discussion(res: dict) -> str:
     osc = res["oscillation"]
     notes = []
     dw_gt_pw = [k for k, r in osc.items() if r["osc_depthwise"][-1] > r["osc_pointwise"][-1]]
-    notes.append(f"- Depthwise layers oscillate more than pointwise ones in {len(dw_gt_pw)} of {len(osc)} "
-                 f"settings ({', '.join(dw_gt_pw) or 'none'}). The paper's claim is about ImageNet-trained "
-                 "MobileNets; our nets are tiny and trained for a few hundred steps, so the per-layer statistics "
-                 "are noisier.")
+    lead = "As in the paper, depthwise" if 2 * len(dw_gt_pw) > len(osc) else "Unlike the paper, depthwise"
+    notes.append(f"- {lead} layers oscillate more than pointwise ones in only {len(dw_gt_pw)} of {len(osc)} "
+                 f"settings ({', '.join(dw_gt_pw) or 'none'}) at the end of training. The paper's claim is "
+                 "about ImageNet-trained MobileNets with thousands of steps per epoch; our nets are tiny, see "
+                 "a few hundred steps, and have few depthwise weights, so the per-layer statistics are noisier.")
     gains = []
     for bits, r in acc.items():
         base = statistics.fmean(r["LSQ + BN re-est."])
@@ -375,11 +376,16 @@ def discussion(res: dict) -> str:
         t = statistics.fmean(r["best"] for r in s["tpe_asha"] if r["best"] is not None)
         rnd = statistics.fmean(r["best"] for r in s["random"] if r["best"] is not None)
         rec = statistics.fmean(r["best"] for r in s["recipe"])
-        notes.append(f"- Search: TPE + ASHA {100 * t:.2f}% vs random {100 * rnd:.2f}% vs untuned recipe "
-                     f"{100 * rec:.2f}%. The release recipe was tuned for ImageNet-scale training (m = 1e-3 over "
-                     "hundreds of thousands of steps, quantizer lr 1e-5); on a few hundred steps its freezing "
-                     "barely triggers and its scales hardly move, which is exactly the kind of transfer gap a "
-                     "per-task search closes.")
+        t_ep = statistics.fmean(r["trial_epochs"] for r in s["tpe_asha"])
+        r_ep = statistics.fmean(r["trial_epochs"] for r in s["random"])
+        verdict = ("TPE + ASHA found the best configuration" if t >= max(rnd, rec) else
+                   "TPE + ASHA did not beat " + ("random search" if rnd > t else "the untuned recipe"))
+        notes.append(f"- Search: TPE + ASHA {100 * t:.2f}% ({t_ep:.0f} trial-epochs) vs random search "
+                     f"{100 * rnd:.2f}% ({r_ep:.0f} trial-epochs) vs the untuned release recipe {100 * rec:.2f}%: "
+                     f"{verdict}. On digits every reasonable configuration lands within about a point of the "
+                     "others, so the spread between strategies is of the order of the seed-to-seed noise; the "
+                     "release recipe was tuned for ImageNet-scale runs (m = 1e-3 over hundreds of thousands of "
+                     "steps, quantizer lr 1e-5), and on a few hundred steps its freezing barely triggers.")
     return "\n".join(notes)
 
 
