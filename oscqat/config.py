@@ -34,6 +34,15 @@ def parse_bits(bits: str) -> tuple[int | None, int | None]:
     return wbits, abits
 
 
+def check_arch(name: str) -> str:
+    """Validator shared by every config naming an architecture."""
+    from oscqat.models import list_models
+
+    if name not in list_models():
+        raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(list_models())}")
+    return name
+
+
 class TrainConfig(BaseModel):
     """Everything one QAT (or FP) training run needs. Unknown keys are rejected."""
 
@@ -92,11 +101,7 @@ class TrainConfig(BaseModel):
     @field_validator("arch")
     @classmethod
     def _check_arch(cls, value: str) -> str:
-        from oscqat.models import list_models
-
-        if value not in list_models():
-            raise ValueError(f"unknown arch {value!r}; choose one of {', '.join(list_models())}")
-        return value
+        return check_arch(value)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":

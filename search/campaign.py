@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from oscqat.config import ConfigError, TrainConfig, load_yaml_mapping, parse_bits, validate_config
+from oscqat.config import ConfigError, TrainConfig, check_arch, load_yaml_mapping, parse_bits, validate_config
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # TrainConfig fields the campaign controls itself, so `base` may not set them.
@@ -38,11 +38,7 @@ class Target(_Strict):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
-        from oscqat.models import list_models
-
-        if v not in list_models():
-            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(list_models())}")
-        return v
+        return check_arch(v)
 
     @property
     def slug(self) -> str:
