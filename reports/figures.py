@@ -1,0 +1,308 @@
+"""PNG figures of a campaign (matplotlib, Agg backend: no display needed).
+
+Each maker returns a ``Figure``: the PNG it wrote, or a note saying why there is none (too few
+trials, no paper numbers, a missing artifact), so the HTML report can show one or the other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from reports.paper import PAPER_SOURCE, paper_numbers  # noqa: E402
+from reports.store import CampaignStore, TrialRecord  # noqa: E402
+
+MIN_TRIALS_FOR_IMPORTANCE = 4
+METHOD_ORDER = ("lsq", "dampen", "freeze", "dampen+freeze")
+METHOD_COLORS = {"lsq": "tab:gray", "dampen": "tab:blue", "freeze": "tab:orange", "dampen+freeze": "tab:green"}
+DPI = 100
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    file: str | None = None  # PNG file name inside the output directory
+    note: str | None = None  # why there is no figure, or a caveat about the one there is
+    caption: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _bits_key(bits: str) -> tuple[int, int]:
+    from oscqat.config import parse_bits
+
+    w, a = parse_bits(bits)
+    return (w or 32, a or 32)
+
+
+# Optuna plots ---------------------------------------------------------------------------------
+@contextmanager
+def _optuna_quiet():
+    """Optuna's matplotlib plots are 'experimental' and warn on every call."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def _complete(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study is not None else []
+
+
+def _axes_figure(ax):
+    import numpy as np
+
+    return np.ravel(ax)[0].figure if isinstance(ax, np.ndarray) else ax.figure
+
+
+def optuna_figures(study, label: str, out_dir: Path) -> list[Figure]:
+    """Optimisation history, parameter importances, parallel coordinates and slices of one study."""
+    from optuna.visualization import matplotlib as ovm
+
+    s = slug(label)
+    figs = [Figure("history", f"Optimisation history ({label})", caption="final val_top1 of each COMPLETE trial "
+                   "(ASHA-pruned trials are PRUNED in Optuna and not shown) and the best so far"),
+            Figure("importances", f"Parameter importances ({label})",
+                   caption="Optuna's default importance evaluator on the COMPLETE trials"),
+            Figure("parallel", f"Parallel coordinates ({label})",
+                   caption="params every COMPLETE trial has (conditional params are in the slice plot)"),
+            Figure("slice", f"Slice plot ({label})", caption="final val_top1 against each sampled param")]
+    complete = _complete(study)
+    if study is None:
+        for f in figs:
+            f.note = "no Optuna study found for this target"
+        return figs
+    if not complete:
+        for f in figs:
+            f.note = "no COMPLETE trials yet"
+        return figs
+    with _optuna_quiet():
+        figs[0] = _optuna_one(figs[0], lambda: ovm.plot_optimization_history(study), out_dir, f"{s}-history.png")
+        figs[1] = _importances(study, complete, figs[1], out_dir, f"{s}-importances.png")
+        common = sorted(set.intersection(*(set(t.params) for t in complete)))
+        if len(complete) < 2:
+            figs[2].note = figs[3].note = f"only {len(complete)} COMPLETE trial: nothing to compare yet"
+        else:
+            figs[2] = _optuna_one(figs[2], lambda: ovm.plot_parallel_coordinate(study, params=common or None),
+                                  out_dir, f"{s}-parallel.png")
+            figs[3] = _optuna_one(figs[3], lambda: ovm.plot_slice(study), out_dir, f"{s}-slice.png", wide=True)
+    return figs
+
+
+def _optuna_one(fig: Figure, make, out_dir: Path, name: str, wide: bool = False) -> Figure:
+    try:
+        ax = make()
+    except Exception as exc:  # noqa: BLE001 - one failing plot must not sink the report
+        plt.close("all")
+        fig.note = f"Optuna could not draw this plot: {exc.__class__.__name__}: {str(exc)[:200]}"
+        return fig
+    mfig = _axes_figure(ax)
+    import numpy as np
+
+    if isinstance(ax, np.ndarray):
+        mfig.suptitle(fig.title)
+    else:
+        ax.set_title(fig.title)
+    if wide:
+        import numpy as np
+
+        n = np.size(ax)
+        mfig.set_size_inches(min(3.0 * n + 1, 30), 4.2)
+        for a in np.ravel(ax):
+            a.tick_params(axis="x", labelrotation=35, labelsize=7)
+    fig.file = _save(mfig, out_dir, name)
+    return fig
+
+
+def _importances(study, complete: list, fig: Figure, out_dir: Path, name: str) -> Figure:
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    varying = [p for p in {k for t in complete for k in t.params}
+               if len({repr(t.params.get(p)) for t in complete}) > 1]
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not varying:
+        fig.note = (f"too few trials for parameter importances: {len(complete)} COMPLETE trial(s) "
+                    f"(need at least {MIN_TRIALS_FOR_IMPORTANCE}, with params that vary)")
+        return fig
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            optuna.importance.get_param_importances(study)
+        except Exception as exc:  # noqa: BLE001
+            fig.note = f"Optuna could not compute importances: {exc.__class__.__name__}: {str(exc)[:200]}"
+            return fig
+    fig = _optuna_one(fig, lambda: ovm.plot_param_importances(study), out_dir, name)
+    shaky = [w for w in caught if "less than 2 trials" in str(w.message)]
+    if shaky and fig.file:
+        fig.note = (f"caution: for {len(shaky)} param(s) some regimes have fewer than 2 trials, so Optuna says "
+                    f"their importance may be inaccurate")
+    return fig
+
+
+# our own plots --------------------------------------------------------------------------------
+def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
+    """Best final val_top1 per method against bit-width, one figure per architecture, paper beside."""
+    figs = []
+    archs = sorted({t.arch for t in store.targets})
+    for arch in archs:
+        targets = sorted((t for t in store.targets if t.arch == arch), key=lambda t: _bits_key(t.bits))
+        xs = [t.bits for t in targets]
+        paper = paper_numbers(arch)
+        fig = Figure("accuracy_vs_bits", f"Accuracy vs bit-width: {arch}")
+        mfig, ax = plt.subplots(figsize=(6.4, 4.2))
+        drawn = False
+        for method in METHOD_ORDER:
+            ys = []
+            for t in targets:
+                best = store.best(t, lambda r, m=method: r.method == m)
+                ys.append(best.val_top1 * 100 if best else float("nan"))
+            if any(y == y for y in ys):
+                ax.plot(range(len(xs)), ys, "o-", color=METHOD_COLORS[method], label=f"ours: {method}")
+                drawn = True
+            if paper:
+                pys = [paper.get(b, {}).get(method, float("nan")) for b in xs]
+                if any(y == y for y in pys):
+                    ax.plot(range(len(xs)), pys, "s--", mfc="none", color=METHOD_COLORS[method],
+                            label=f"paper: {method}")
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_xlabel("bit-width")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        if drawn or paper:
+            ax.legend(fontsize=8)
+        if paper:
+            ax.set_title(f"{arch}: ours ({store.campaign.dataset}) vs paper (ImageNet)")
+            fig.caption = (f"solid: best COMPLETE trial per method in this campaign (dataset {store.campaign.dataset}); "
+                           f"dashed: the paper's numbers, {PAPER_SOURCE}")
+        else:
+            ax.set_title(f"{arch}: ours only ({store.campaign.dataset})")
+            fig.caption = "best COMPLETE trial per method in this campaign"
+            fig.note = (f"the paper reports no numbers for {arch} (only mobilenet_v2, mobilenet_v3_small and "
+                        f"efficientnet_lite0): ours only")
+        fig.file = _save(mfig, out_dir, f"accuracy-vs-bits-{slug(arch)}.png")
+        figs.append(fig)
+    return figs
+
+
+def best_trial_curves(store: CampaignStore, target, best: TrialRecord | None, out_dir: Path) -> Figure:
+    """Per-epoch accuracy, oscillating fraction (depthwise vs pointwise), frozen fraction, lambda and f_th."""
+    fig = Figure("curves", f"Best trial per epoch ({target.label})")
+    if best is None or best.run_id is None:
+        fig.note = "no COMPLETE trial with an MLflow run"
+        return fig
+    fig.title += f": {best.trial_id} ({best.method})"
+    h = {k: store.history(best.run_id, k) for k in ("val_top1", "val_top1_no_bnre", "osc_frac", "osc_frac_depthwise",
+                                                     "osc_frac_pointwise", "frozen_frac", "dampen_lambda",
+                                                     "freeze_threshold")}
+    if not h["val_top1"]:
+        fig.note = "the best trial's run has no per-epoch metrics (run `oscqat report sync` to backfill them)"
+        return fig
+    mfig, axes = plt.subplots(2, 2, figsize=(10, 7), layout="constrained")
+
+    def line(ax, key, label, style="o-", **kw):
+        if h[key]:
+            xs, ys = zip(*h[key])
+            ax.plot(xs, ys, style, label=label, **kw)
+
+    ax = axes[0, 0]
+    line(ax, "val_top1", "val top-1 (BN re-estimated)")
+    line(ax, "val_top1_no_bnre", "val top-1 (running BN stats)", "s--")
+    ax.set_title("accuracy")
+    ax = axes[0, 1]
+    line(ax, "osc_frac_depthwise", "depthwise")
+    line(ax, "osc_frac_pointwise", "pointwise")
+    line(ax, "osc_frac", "all tracked", ":", color="gray")
+    ax.set_title("oscillating weight fraction")
+    ax = axes[1, 0]
+    line(ax, "frozen_frac", "frozen")
+    ax.set_title("frozen weight fraction")
+    ax = axes[1, 1]
+    line(ax, "dampen_lambda", "dampening lambda", color="tab:blue")
+    ax.set_ylabel("lambda")
+    ax2 = ax.twinx()
+    if h["freeze_threshold"]:
+        xs, ys = zip(*h["freeze_threshold"])
+        ax2.plot(xs, ys, "s--", color="tab:orange", label="freeze threshold f_th")
+    ax2.set_ylabel("f_th")
+    ax.set_title("schedules (at the epoch's last step)")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for a in axes.flat:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+        if a is not axes[1, 1] and a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    mfig.suptitle(fig.title)
+    fig.file = _save(mfig, out_dir, f"{slug(target.label)}-best-curves.png")
+    fig.caption = f"trial {best.trial_id}, final val_top1 {best.val_top1:.4f}"
+    return fig
+
+
+def layer_heatmap(store: CampaignStore, target, best: TrialRecord | None, out_dir: Path) -> Figure:
+    """The best trial's oscillating fraction per layer over epochs (its logged artifact, redrawn)."""
+    from search.plots import layer_oscillation_plot
+
+    fig = Figure("layers", f"Per-layer oscillations ({target.label})")
+    if best is None or best.run_id is None:
+        fig.note = "no COMPLETE trial with an MLflow run"
+        return fig
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store.download(best.run_id, "layer_oscillations.json", Path(tmp))
+        history = json.loads(path.read_text()) if path else []
+    if not history or not history[-1].get("layers"):
+        fig.note = f"trial {best.trial_id} has no layer_oscillations.json (or it tracked no layers)"
+        return fig
+    name = f"{slug(target.label)}-layer-oscillations.png"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layer_oscillation_plot(history, out_dir / name, title=f"({target.label}, trial {best.trial_id})")
+    fig.file = name
+    fig.caption = f"trial {best.trial_id}: fraction of each layer's weights oscillating, per epoch"
+    return fig
+
+
+def campaign_figures(store: CampaignStore, out_dir: Path) -> dict:
+    """Every figure of the report: ``{"overview": [...], "targets": {label: [...]}}``."""
+    out_dir = Path(out_dir)
+    # Optuna's plots switch matplotlib's global style to ggplot; keep ours (and theirs) contained.
+    with plt.style.context("default"):
+        result = {"overview": accuracy_vs_bits(store, out_dir), "targets": {}}
+    for target in store.targets:
+        best = store.best(target)
+        with plt.style.context("default"):
+            figs = optuna_figures(store.study(target), target.label, out_dir)
+        with plt.style.context("default"):
+            figs.append(best_trial_curves(store, target, best, out_dir))
+            figs.append(layer_heatmap(store, target, best, out_dir))
+        result["targets"][target.label] = figs
+    return result

@@ -1,0 +1,158 @@
+"""``report sync``: backfill MLflow from Ray Tune's own per-trial ``result.json`` files.
+
+If the tracking server was down longer than the callback's retries (or the driver died with
+writes buffered), MLflow misses epochs, states, artifacts or whole child runs. Ray wrote every
+reported epoch to ``<experiment>/<trial dir>/result.json`` regardless; this replays what is missing
+(never duplicates: epochs already in MLflow are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from reports.store import CampaignStore
+from search.tracking import SCALAR_METRICS, TAG, ensure_parent_run, find_child_runs, get_or_create_experiment, safe_value
+
+_TERMINAL = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+@dataclass
+class SyncSummary:
+    target: str
+    trials_seen: int = 0
+    runs_created: int = 0
+    epochs_logged: int = 0
+    states_set: int = 0
+    artifacts_logged: int = 0
+
+
+def read_results(path: Path) -> list[dict]:
+    """Ray's result.json: one JSON object per line (a torn last line is ignored)."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def trial_dirs(exp_path: Path) -> list[Path]:
+    return sorted(p for p in exp_path.iterdir() if p.is_dir() and (p / "result.json").is_file()) \
+        if exp_path.is_dir() else []
+
+
+def _trial_config(store: CampaignStore, target, params: dict, fp_path: str | None) -> dict:
+    """What the campaign gave this trial: base + target + sampled params + the shared FP checkpoint."""
+    data = store.campaign.train_config(target, params).model_dump(mode="json")
+    if data.get("data_dir"):
+        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
+    if fp_path:
+        data["pretrained"] = fp_path
+    return data
+
+
+def _trial_state(store: CampaignStore, tdir: Path, results: list[dict], optuna_state: str | None,
+                 target_done: bool) -> str | None:
+    from search.searcher import trial_state
+
+    if optuna_state in _TERMINAL:
+        return optuna_state
+    if optuna_state is None and target_done:
+        error = (tdir / "error.txt").is_file() or (tdir / "error.pkl").is_file()
+        return trial_state(results[-1] if results else None, error, store.campaign.budget.max_epochs).name
+    return None  # still running (or unknown): leave it open
+
+
+def sync_target(store: CampaignStore, target) -> SyncSummary:
+    from mlflow.entities import Metric, Param
+
+    summary = SyncSummary(target.label)
+    client = store.client
+    tstate = store.state.get("targets", {}).get(target.label, {})
+    exp_path = Path(tstate.get("experiment_path") or store.campaign_dir / target.slug)
+    fp_path = tstate.get("fp_checkpoint")
+    experiment_id = get_or_create_experiment(client, store.campaign.experiment_name)
+    parent_id = store.parent_run_id(target)  # the experiment exists now (re-created if it was lost)
+    if parent_id is None:
+        parent_id = ensure_parent_run(client, experiment_id, store.campaign.name, target, {
+            "oscqat.ray_experiment_path": str(exp_path), "oscqat.optuna_study": store.campaign.study_name(target),
+            "oscqat.fp_checkpoint": fp_path or ""})
+    existing = find_child_runs(client, experiment_id, parent_id)
+    study = store.study(target)
+    optuna_states = {t.user_attrs.get("tune_trial_id"): t.state.name for t in study.get_trials(deepcopy=False)} \
+        if study is not None else {}
+    target_done = tstate.get("status") == "done"
+    for tdir in trial_dirs(exp_path):
+        results = [r for r in read_results(tdir / "result.json") if "trial_id" in r]
+        if not results:
+            continue
+        tid = results[0]["trial_id"]
+        summary.trials_seen += 1
+        params = json.loads((tdir / "params.json").read_text()) if (tdir / "params.json").is_file() else {}
+        run = existing.get(tid)
+        if run is None:
+            tags = {"mlflow.parentRunId": parent_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
+                    f"{TAG}campaign": store.campaign.name, f"{TAG}target": target.label,
+                    f"{TAG}optuna_study": store.campaign.study_name(target), f"{TAG}synced_from": "ray result.json"}
+            run = client.create_run(experiment_id, run_name=tid, tags={k: safe_value(k, v) for k, v in tags.items()})
+            cfg = _trial_config(store, target, params, fp_path)
+            items = [Param(k, safe_value(k, v)) for k, v in sorted(cfg.items())]
+            for i in range(0, len(items), 90):
+                client.log_batch(run.info.run_id, params=items[i:i + 90])
+            summary.runs_created += 1
+        run_id = run.info.run_id
+        logged = {m.step for m in client.get_metric_history(run_id, "val_top1")}
+        by_epoch = {}
+        for r in results:  # after a restore an epoch can appear twice: the latest wins
+            by_epoch[int(r.get("epoch", r.get("training_iteration", 0)))] = r
+        metrics = []
+        for epoch, r in sorted(by_epoch.items()):
+            if epoch in logged or epoch <= 0:
+                continue
+            ts = int(float(r.get("timestamp", 0)) * 1000)
+            metrics += [Metric(k, float(r[k]), ts, epoch) for k in SCALAR_METRICS
+                        if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k]))]
+            summary.epochs_logged += 1
+        for i in range(0, len(metrics), 900):
+            client.log_batch(run_id, metrics=metrics[i:i + 900])
+        current = client.get_run(run_id)
+        state = _trial_state(store, tdir, list(by_epoch.values()), optuna_states.get(tid), target_done)
+        if state is not None and not current.data.tags.get(f"{TAG}state"):
+            client.set_tag(run_id, f"{TAG}state", state)
+            reason = next((r["failure_reason"] for r in results if r.get("failure_reason")), None)
+            if reason:
+                client.set_tag(run_id, f"{TAG}failure_reason", safe_value("reason", reason)[:4000])
+            summary.states_set += 1
+        if state is not None and not client.list_artifacts(run_id):
+            _log_artifacts(store, target, run_id, tid, params, fp_path, list(by_epoch.items()))
+            summary.artifacts_logged += 1
+        if state is not None and current.info.status == "RUNNING":
+            client.set_terminated(run_id, _TERMINAL[state])
+    return summary
+
+
+def _log_artifacts(store, target, run_id: str, tid: str, params: dict, fp_path, epochs: list) -> None:
+    from oscqat.config import TrainConfig
+    from search.plots import layer_oscillation_plot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            cfg = TrainConfig.model_validate(_trial_config(store, target, params, fp_path))
+            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+        except ValueError:  # e.g. the FP checkpoint is gone: the params on the run still say it all
+            pass
+        history = [{"epoch": e, "layers": dict(r["layer_osc"])} for e, r in sorted(epochs) if r.get("layer_osc")]
+        (tmp / "layer_oscillations.json").write_text(json.dumps(history))
+        if history and history[-1]["layers"]:
+            layer_oscillation_plot(history, tmp / "layer_oscillations.png", title=tid)
+        store.client.log_artifacts(run_id, str(tmp))
+
+
+def sync_campaign(store: CampaignStore) -> list[SyncSummary]:
+    return [sync_target(store, t) for t in store.targets]
