@@ -201,6 +201,10 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
         print(f"resuming {target.label} from {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        if resume:  # the driver died before Tune saved anything: start over, without the dead run's trials
+            stale = fail_orphaned_trials(campaign.optuna_storage, study_name, set(), include_waiting=True)
+            if stale:
+                log.warning("%d Optuna trial(s) of %s left by the stopped driver were marked FAIL", stale, study_name)
         b = campaign.budget
         points = space.starting_points if b.enqueue_starting_points else []
         names = space.starting_point_names if b.enqueue_starting_points else []

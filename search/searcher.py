@@ -111,14 +111,17 @@ def build_searcher(define_by_run: Callable, starting_points: list[dict], start_p
     )
 
 
-def fail_orphaned_trials(storage_url: str, study_name: str, known_trial_ids: set[str]) -> int:
-    """Mark RUNNING Optuna trials that Tune no longer knows (driver killed) as FAIL."""
+def fail_orphaned_trials(storage_url: str, study_name: str, known_trial_ids: set[str],
+                         include_waiting: bool = False) -> int:
+    """Mark RUNNING Optuna trials that Tune no longer knows (driver killed) as FAIL; with
+    ``include_waiting`` also WAITING ones (starting points a killed driver had enqueued)."""
     try:
         study = optuna.load_study(study_name=study_name, storage=make_storage(storage_url))
     except KeyError:
         return 0
     count = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    states = (TrialState.RUNNING, TrialState.WAITING) if include_waiting else (TrialState.RUNNING,)
+    for t in study.get_trials(deepcopy=False, states=states):
         if t.user_attrs.get(TRIAL_ID_ATTR) in known_trial_ids:
             continue
         study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "orphaned: the driver stopped before Tune saved this trial")

@@ -141,11 +141,12 @@ class MlflowTrialCallback(Callback):
         self._loaded_existing = False
         self._flushing = False  # a write that creates a run queues more writes: no re-entry
         self._retry_at = 0.0  # after a failed write, wait before trying the server again
+        self._param_keys: dict[str, set[str]] = {}  # trial id -> params its run had when the driver (re)started
 
     def __getstate__(self):
         state = self.__dict__.copy()
         for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "_pending", "_loaded_existing",
-                    "_flushing", "_retry_at"):
+                    "_flushing", "_retry_at", "_param_keys"):
             state.pop(key, None)
         return state
 
@@ -200,6 +201,7 @@ class MlflowTrialCallback(Callback):
             return
         for trial_id, run in find_child_runs(self.client, self.experiment_id, self.parent_run_id).items():
             self._runs[trial_id] = run.info.run_id
+            self._param_keys[trial_id] = set(run.data.params)
             history = self.client.get_metric_history(run.info.run_id, "val_top1")
             self._logged_epoch[trial_id] = max([self._logged_epoch.get(trial_id, 0), *(m.step for m in history)])
         self._loaded_existing = True
@@ -207,7 +209,7 @@ class MlflowTrialCallback(Callback):
     def _ensure_run(self, trial) -> str | None:
         tid = trial.trial_id
         if tid in self._runs:
-            return self._runs[tid]
+            return self._known_run(trial)
         if time.monotonic() < self._retry_at:
             return None  # the server failed moments ago: do not stall the driver on it again
         try:
@@ -217,8 +219,7 @@ class MlflowTrialCallback(Callback):
             log.warning("MLflow unreachable while looking up runs: %s", exc.__class__.__name__)
             return None
         if tid in self._runs:
-            return self._runs[tid]
-        params = {**self.base_config, **trial.config}
+            return self._known_run(trial)
         tags = {"mlflow.parentRunId": self.parent_run_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
                 f"{TAG}campaign": self.campaign, f"{TAG}target": self.target_label,
                 f"{TAG}optuna_study": self.study_name}
@@ -232,13 +233,25 @@ class MlflowTrialCallback(Callback):
         run_id = run.info.run_id
         self._runs[tid] = run_id
         self._logged_epoch.setdefault(tid, 0)  # epochs buffered before the run existed stay counted
+        self._log_params(trial, run_id)
+        return run_id
+
+    def _known_run(self, trial) -> str:
+        """The trial's existing run. One found after a driver restart gets the params it lacks: the
+        driver may have been killed between creating the run and logging its params."""
+        logged = self._param_keys.pop(trial.trial_id, None)
+        if logged is not None:
+            self._log_params(trial, self._runs[trial.trial_id], skip=logged)
+        return self._runs[trial.trial_id]
+
+    def _log_params(self, trial, run_id: str, skip: set[str] = frozenset()) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items())]
+        params = {**self.base_config, **trial.config}
+        items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items()) if k not in skip]
         for i in range(0, len(items), 90):
             chunk = items[i:i + 90]
-            self._write(f"params of {tid}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
-        return run_id
+            self._write(f"params of {trial.trial_id}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
 
     def _run_for(self, trial) -> str:
         """The trial's run id, created now if the server was down before; raises while it still is,

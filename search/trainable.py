@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -53,7 +54,8 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
         with tempfile.TemporaryDirectory() as tmp:
             trainer.save(Path(tmp) / CHECKPOINT_FILE)
             (Path(tmp) / "metrics.json").write_text(json.dumps(trainer.history))
-            tune.report({**metrics, "max_epochs": cfg.epochs, "layer_osc": layer_osc},
+            tune.report({**metrics, "max_epochs": cfg.epochs, "layer_osc": layer_osc,
+                         "node_id": ray.get_runtime_context().get_node_id()},  # which node ran it (tests, debugging)
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
