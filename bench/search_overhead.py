@@ -9,6 +9,8 @@ rounds so machine noise hits all of them alike:
                  against its MLflow params) trained one after another by a plain loop over
                  ``oscqat.Trainer`` in this process, ``torch.set_num_threads(1)``;
   * ``tune_c2``: the same campaign with ``max_concurrent_trials: 2`` (2 x 1 CPU on a 2-core machine);
+  * ``loop_x2``:  the plain loop split over 2 processes (1 thread each), started together: the speed-up
+                 this machine itself gives 2 concurrent 1-thread trainings (the ceiling for tune_c2);
   * ``tune_c1_reuse`` (only with ``--with-reuse``): ``tune_c1`` with ``TuneConfig(reuse_actors=True)``
                  patched in (the runner leaves Tune's default, False), to size that possible fix.
 
@@ -246,6 +248,25 @@ def run_loop(configs: list[dict], fp: Path) -> dict:
     return {"wall_s": wall, "trial_span_s": walls, "trial_epoch_time_s": epoch_sums}
 
 
+def _loop_worker(args: tuple[list[dict], str]) -> dict:
+    configs, fp = args
+    return run_loop(configs, Path(fp))
+
+
+def run_loop_x2(configs: list[dict], fp: Path) -> dict:
+    """The same trials split over 2 fresh processes (spawned, 1 thread each): the machine's own
+    parallel speed-up, with process start-up included as Ray's trials include it."""
+    import multiprocessing as mp
+
+    halves = [configs[0::2], configs[1::2]]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(2) as pool:
+        outs = pool.map(_loop_worker, [(h, str(fp)) for h in halves])
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "trial_span_s": [s for o in outs for s in o["trial_span_s"]],
+            "trial_epoch_time_s": [s for o in outs for s in o["trial_epoch_time_s"]]}
+
+
 # main ------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,8 +316,8 @@ def measure(args, work: Path) -> dict:
     say(f"1-CPU trial: OMP_NUM_THREADS={probe['omp_env']}, torch threads {probe['threads_before']} -> "
         f"{probe['threads_after']} after _set_threads()")
 
-    runs: dict[str, list[dict]] = {"tune_c1": [], "loop": [], "tune_c2": []}
-    base_order = ["tune_c1", "loop", "tune_c2"]
+    runs: dict[str, list[dict]] = {"tune_c1": [], "loop": [], "tune_c2": [], "loop_x2": []}
+    base_order = ["tune_c1", "loop", "tune_c2", "loop_x2"]
     if args.with_reuse:
         runs["tune_c1_reuse"] = []
         base_order.append("tune_c1_reuse")
@@ -307,6 +328,8 @@ def measure(args, work: Path) -> dict:
             say(f"round {r + 1}/{args.rounds}: {variant} ({args.trials} trials x {args.epochs} epochs) ...")
             if variant == "loop":
                 out = run_loop(reference_configs, fp)
+            elif variant == "loop_x2":
+                out = run_loop_x2(reference_configs, fp)
             else:
                 conc = 2 if variant == "tune_c2" else 1
                 out = run_tune(f"ovh-{variant.replace('_', '-')}-r{r}", work, fp, args.trials, args.epochs, conc,
@@ -336,6 +359,10 @@ def measure(args, work: Path) -> dict:
             sum(c2["trial_epoch_time_s"]) / sum(c1["trial_epoch_time_s"])
             for c1, c2 in zip(runs["tune_c1"], runs["tune_c2"])),
     }
+    ratios["speedup_loop_x2_over_loop"] = statistics.median(
+        lp["wall_s"] / l2["wall_s"] for lp, l2 in zip(runs["loop"], runs["loop_x2"]))
+    ratios["epoch_time_loop_x2_over_loop"] = statistics.median(
+        sum(l2["trial_epoch_time_s"]) / sum(lp["trial_epoch_time_s"]) for lp, l2 in zip(runs["loop"], runs["loop_x2"]))
     if runs.get("tune_c1_reuse"):
         ratios["tune_c1_reuse_over_loop"] = statistics.median(
             c["wall_s"] / lp["wall_s"] for c, lp in zip(runs["tune_c1_reuse"], runs["loop"]))
@@ -387,7 +414,7 @@ def report(res: dict, args) -> None:
           f"{probe['threads_after']} after search.trainable._set_threads()")
     print(f"\n{'variant':<34}{'median wall (s)':>16}{'per trial (s)':>15}")
     labels = {"tune_c1": "campaign, 1 at a time (Ray/Tune)", "loop": "plain Trainer loop, 1 thread",
-              "tune_c2": "campaign, 2 at a time (Ray/Tune)", "tune_c1_reuse": "campaign, 1 at a time, reuse_actors"}
+              "tune_c2": "campaign, 2 at a time (Ray/Tune)", "loop_x2": "plain loop, 2 processes at a time", "tune_c1_reuse": "campaign, 1 at a time, reuse_actors"}
     for v, t in res["median_wall_s"].items():
         print(f"{labels[v]:<34}{t:>16.1f}{t / s['trials']:>15.1f}")
     print()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,14 +15,15 @@ from oscqat.cli import fail
 from oscqat.config import ConfigError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, resume and inspect search campaigns.")
-console = Console()
+# Piped or logged output gets a wide console instead of rich's 80-column default (tables stay readable).
+console = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def _results_table(results, title: str, statuses: list[str] | None = None) -> Table:
     table = Table(title=title)
     cols = ["target", "best val_top1", "best trial", "method", "complete", "pruned", "failed", "params"]
     for col in cols + (["status"] if statuses else []):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("target", "best trial"))
     for i, r in enumerate(results):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.params.items())
                            if k != "method")

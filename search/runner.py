@@ -286,6 +286,7 @@ def run_campaign(campaign: Campaign, address: str | None = None) -> list[TargetR
     if (campaign_dir / CAMPAIGN_FILE).exists():
         raise CampaignError(f"campaign {campaign.name!r} already exists in {campaign_dir}; "
                             f"continue it with `oscqat search resume {campaign.name}` or pick a new name")
+    campaign = _absolute_stores(campaign)
     spaces = _resolve_spaces(campaign)
     _check_studies_unused(campaign)
     experiment_id = check_backends(campaign)
@@ -303,6 +304,18 @@ def resume_campaign(name_or_path: str, address: str | None = None) -> list[Targe
     experiment_id = check_backends(campaign)
     state = read_state(campaign_dir)
     return _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address or campaign.ray_address, True)
+
+
+def _absolute_sqlite(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    return uri
+
+
+def _absolute_stores(campaign: Campaign) -> Campaign:
+    """Pin relative sqlite URIs to the launch directory, so resume/status/report work from anywhere."""
+    mlflow = campaign.mlflow.model_copy(update={"tracking_uri": _absolute_sqlite(campaign.mlflow.tracking_uri)})
+    return campaign.model_copy(update={"mlflow": mlflow, "optuna_storage": _absolute_sqlite(campaign.optuna_storage)})
 
 
 def _check_studies_unused(campaign: Campaign) -> None:
