@@ -314,7 +314,7 @@ def table():
         s = thr["setup"]
         print(f"\nMobileNetV2 training throughput, synthetic {s['image_size']}x{s['image_size']}, batch {s['batch']}, "
               f"{s['timed_epochs']} x {s['steps_per_epoch']} timed steps after 1 warm-up epoch ({s['device']})")
-        print(f"{'variant':<28}{'trainer img/s':>14}{'vs fp32':>9}{'on-GPU batch img/s':>20}{'vs fp32':>9}{'peak GiB':>10}")
+        print(f"{'variant':<28}{'trainer img/s':>14}{'vs fp32':>9}{'batch-on-device img/s':>20}{'vs fp32':>9}{'peak GiB':>10}")
         for name, row in thr["variants"].items():
             if "error" in row:
                 print(f"{name:<28}  ERROR {row['error']}")

@@ -19,7 +19,7 @@ Ratios: ``tune_c1 / loop`` (search overhead; target <= 1.10 for trials of >= 30 
 (``ray.init(num_cpus=2)``) before the rounds; its start-up time is reported separately. A probe
 trial checks how many torch threads a 1-CPU trial really gets.
 
-    .venv/bin/python bench/search_overhead.py [--trials 4] [--epochs 25] [--rounds 2] [--json FILE]
+    .venv/bin/python bench/search_overhead.py [--trials 4] [--epochs 32] [--rounds 2] [--json FILE]
     .venv/bin/python bench/search_overhead.py --quick      # smoke run: tiny trials, targets do not apply
 """
 
@@ -272,7 +272,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--trials", type=int, default=4, help="trials per campaign (even, for the 2-concurrent run)")
-    ap.add_argument("--epochs", type=int, default=25, help="epochs per trial (pick so a trial takes >= 30 s)")
+    ap.add_argument("--epochs", type=int, default=32,
+                    help="epochs per trial (pick so a trial takes >= 30 s; ~1 s/epoch here)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three variants")
     ap.add_argument("--fp-epochs", type=int, default=3, help="epochs of the FP checkpoint made up front")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials x 2 epochs, 1 round")
