@@ -144,9 +144,9 @@ def _pretrain_fp(cfg_dict: dict) -> tuple[dict, float]:
     from oscqat.config import TrainConfig
     from oscqat.trainer import Trainer
 
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    from search.trainable import _set_threads
+
+    _set_threads()
     trainer = Trainer(TrainConfig.model_validate(cfg_dict))
     history = trainer.fit()
     return {k: v.cpu() for k, v in trainer.model.state_dict().items()}, history[-1]["val_top1"]

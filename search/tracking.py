@@ -329,6 +329,7 @@ class MlflowTrialCallback(Callback):
 
                 layer_oscillation_plot(history, Path(tmp) / "layer_oscillations.png", title=trial.trial_id)
             self.client.log_artifacts(run_id, tmp)
+        self._layer_osc.pop(trial.trial_id, None)  # delivered: free the driver's copy
 
     def on_experiment_end(self, trials, **info):
         if not self.flush(attempts=10, wait_s=3.0, force=True):

@@ -22,8 +22,17 @@ CHECKPOINT_FILE = "trainer.pt"
 
 
 def _set_threads() -> None:
-    """Use the CPU share Ray assigned (it sets OMP_NUM_THREADS for the worker)."""
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    """Use exactly the CPU share Ray assigned to this task.
+
+    Ray sets OMP_NUM_THREADS only when the user has not, so a shell-exported value would
+    otherwise give every 1-CPU trial that many threads; the env var is only a fallback.
+    """
+    import ray
+
+    cpus = None
+    if ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    threads = max(1, int(cpus)) if cpus else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
 
