@@ -109,7 +109,7 @@ def make_fake_trial(metric_names: tuple[str, ...]):
             metrics = {k: rng.random() for k in metric_names}
             metrics.update(epoch=epoch, max_epochs=MAX_EPOCHS,
                            val_top1=max(0.0, min(1.0, quality - 0.1 / epoch + rng.gauss(0, 0.02))),
-                           layer_osc={name: round(rng.random() * 0.05, 6) for name in LAYERS})
+                           layer_osc=json.dumps({name: round(rng.random() * 0.05, 6) for name in LAYERS}))
             with _tempfile.TemporaryDirectory() as tmp:
                 (_Path(tmp) / "metrics.json").write_text(_json.dumps({"epoch": epoch}))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from oscqat import OscillationTracker, QuantConfig, create_model, dampening_loss, quantize_model
+from oscqat.dampening import enable_fused_dampening
 
 VARIANTS = {
     # name: (quantized, track, freeze, dampen)
@@ -50,6 +51,8 @@ class Variant:
         self.tracker = OscillationTracker(self.model, momentum=1e-3, max_bits=bits) if self.track else None
         # Freeze with a threshold that some weights do cross, so the frozen path is exercised.
         self.threshold = 5e-4 if self.freeze else 0.0
+        if self.dampen:  # as the Trainer does
+            enable_fused_dampening(self.model, max_bits=8)
 
     def step(self) -> None:
         out = self.model(self.x)

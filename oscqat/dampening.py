@@ -1,7 +1,9 @@
 """Oscillation dampening loss (METHOD.md section 3).
 
 ``|| sg(s * x_int) - clip(w, s*n, s*p) ||^2``: pulls each latent weight towards the centre of
-its current bin. It reuses the integer weights of the latest forward pass.
+its current bin. It reuses the integer weights of the latest forward pass. After
+``enable_fused_dampening`` the quantizer computes each layer's sum (and its gradient) inside its
+own pass, which is what training uses; the unfused formula stays for other callers.
 """
 
 from __future__ import annotations
@@ -14,8 +16,35 @@ from oscqat.layers import quant_layers
 AGGREGATIONS = ("kernel_mean", "sum", "mean")
 
 
+def aggregation_weight(layer, aggregation: str) -> float:
+    """Factor on a layer's squared-error sum: kernel_mean sums over output channels and
+    averages over the rest (fan-in and kernel), mean averages everything, sum keeps it."""
+    w = layer.weight
+    if aggregation == "kernel_mean":
+        return w.shape[0] / w.numel()
+    if aggregation == "sum":
+        return 1.0
+    if aggregation == "mean":
+        return 1.0 / w.numel()
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def enable_fused_dampening(module: nn.Module, max_bits: int = 8, enabled: bool = True) -> int:
+    """Let layers with weight bits ``<= max_bits`` compute their dampening sum in forward
+    (training mode, grad enabled). Returns how many layers were switched."""
+    count = 0
+    for _, layer in quant_layers(module):
+        if layer.weight_bits <= max_bits:
+            layer.fuse_dampening = enabled
+            count += 1
+    return count
+
+
 def layer_dampening_loss(layer, aggregation: str = "kernel_mean") -> torch.Tensor:
     """Dampening loss of one quantized layer (after a forward pass)."""
+    coef = aggregation_weight(layer, aggregation)
+    if layer.last_damp is not None:
+        return layer.last_damp * coef
     w = layer.weight
     x_int = layer.last_weight_int
     if x_int is None:
@@ -28,22 +57,20 @@ def layer_dampening_loss(layer, aggregation: str = "kernel_mean") -> torch.Tenso
     sq = (target - clipped).pow(2)
     if layer._any_frozen:
         sq = sq.masked_fill(layer.frozen_mask, 0.0)
-    if aggregation == "kernel_mean":
-        # sum over output channels, mean over the rest (fan-in and kernel)
-        return sq.sum() * (w.shape[0] / w.numel())
-    if aggregation == "sum":
-        return sq.sum()
-    if aggregation == "mean":
-        return sq.mean()
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    return sq.sum() * coef
 
 
 def dampening_loss(module: nn.Module, aggregation: str = "kernel_mean", max_bits: int = 8) -> torch.Tensor:
     """Sum of the dampening loss over quantized layers with weight bits ``<= max_bits``."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    losses = [layer_dampening_loss(layer, aggregation) for _, layer in quant_layers(module)
-              if layer.weight_bits <= max_bits]
-    if not losses:
+    layers = [layer for _, layer in quant_layers(module) if layer.weight_bits <= max_bits]
+    if not layers:
         return torch.zeros(())
-    return torch.stack(losses).sum()
+    fused = all(layer.last_damp is not None for layer in layers)
+    if fused:  # one weighted sum over the per-layer sums instead of an op per layer
+        sums = torch.stack([layer.last_damp for layer in layers])
+        coefs = torch.tensor([aggregation_weight(layer, aggregation) for layer in layers],
+                             dtype=sums.dtype, device=sums.device)
+        return torch.dot(sums, coefs)
+    return torch.stack([layer_dampening_loss(layer, aggregation) for layer in layers]).sum()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscqat.quantizer import LSQQuantizer
+from oscqat.quantizer import LSQQuantizer, frozen_index
 
 QUANT_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -47,16 +47,23 @@ class QuantMixin:
         # Frozen weights (iterative freezing): mask and the integer each one is pinned to.
         self.register_buffer("frozen_mask", torch.zeros_like(self.weight, dtype=torch.bool))
         self.register_buffer("frozen_int", torch.zeros_like(self.weight, dtype=torch.int8))
+        # Sparse view of the two above (flat indices, float integers): forward and backward
+        # touch only the frozen elements. Not saved; rebuilt by ``refresh_frozen``.
+        self.register_buffer("frozen_idx", None, persistent=False)
+        self.register_buffer("frozen_vals", None, persistent=False)
         self._any_frozen = False
+        self.fuse_dampening = False  # compute the dampening sum inside the quantizer's pass
         self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
+        self.last_damp: torch.Tensor | None = None  # dampening sum of the latest forward (fused)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._any_frozen = bool(self.frozen_mask.any())
+        self.refresh_frozen()
 
     def refresh_frozen(self) -> None:
-        """Re-read whether any weight is frozen (call after editing ``frozen_mask``)."""
-        self._any_frozen = bool(self.frozen_mask.any())
+        """Rebuild the sparse frozen index (call after editing ``frozen_mask``/``frozen_int``)."""
+        self.frozen_idx, self.frozen_vals = frozen_index(self.frozen_mask, self.frozen_int)
+        self._any_frozen = self.frozen_idx is not None
 
     @property
     def is_depthwise(self) -> bool:
@@ -68,12 +75,13 @@ class QuantMixin:
         return isinstance(self, nn.Conv2d) and self.groups == 1 and tuple(self.kernel_size) == (1, 1)
 
     def _quantize_weight(self, remember: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._any_frozen:
-            w_hat, w_int = self.weight_quantizer.quantize(self.weight, self.frozen_mask, self.frozen_int)
-        else:
-            w_hat, w_int = self.weight_quantizer.quantize(self.weight)
+        want_damp = remember and self.fuse_dampening and self.training and torch.is_grad_enabled()
+        w_hat, w_int, damp = self.weight_quantizer.quantize_with_dampening(
+            self.weight, self.frozen_idx, self.frozen_vals, want_damp=want_damp
+        )
         if remember:  # the forward's integers, read by the tracker and the dampening loss
             self.last_weight_int = w_int
+            self.last_damp = damp if want_damp else None
         return w_hat, w_int
 
     def weight_int(self) -> torch.Tensor:

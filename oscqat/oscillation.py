@@ -14,14 +14,44 @@ from oscqat.layers import QuantMixin, quant_layers
 
 
 class _LayerState:
-    __slots__ = ("prev_int", "last_dir", "freq", "int_ema", "frozen_latent")
+    """One layer's slice of the tracker's flat state, as views shaped like the weight."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.prev_int: torch.Tensor | None = None
-        self.last_dir = torch.zeros_like(weight, dtype=torch.int8)
-        self.freq = torch.zeros_like(weight, dtype=torch.float32)
-        self.int_ema: torch.Tensor | None = None
-        self.frozen_latent: torch.Tensor | None = None  # latent values at freeze time
+    __slots__ = ("_tracker", "_slice", "_shape", "frozen_latent", "_latent_vals", "_latent_idx")
+
+    def __init__(self, tracker: "OscillationTracker", sl: slice, shape: torch.Size):
+        self._tracker, self._slice, self._shape = tracker, sl, shape
+        self.frozen_latent: torch.Tensor | None = None  # latent values at freeze time (dense)
+        self._latent_vals: torch.Tensor | None = None  # frozen_latent at the layer's frozen_idx
+        self._latent_idx: torch.Tensor | None = None  # the frozen_idx those values belong to
+
+    def _view(self, flat: torch.Tensor | None) -> torch.Tensor | None:
+        return None if flat is None else flat[self._slice].view(self._shape)
+
+    @property
+    def freq(self) -> torch.Tensor:
+        return self._view(self._tracker._freq)
+
+    @property
+    def last_dir(self) -> torch.Tensor:
+        return self._view(self._tracker._last_dir)
+
+    @property
+    def prev_int(self) -> torch.Tensor | None:
+        return self._view(self._tracker._prev)
+
+    @property
+    def int_ema(self) -> torch.Tensor | None:
+        return self._view(self._tracker._int_ema)
+
+    def latent_values(self, layer: QuantMixin) -> torch.Tensor:
+        """``frozen_latent`` at the layer's current frozen indices (cached per index tensor)."""
+        if self._latent_idx is not layer.frozen_idx:
+            self._latent_vals = self.frozen_latent.reshape(-1)[layer.frozen_idx]
+            self._latent_idx = layer.frozen_idx
+        return self._latent_vals
+
+
+STATE_KEYS = ("prev_int", "last_dir", "freq", "int_ema", "frozen_latent")
 
 
 def layer_kind(layer: QuantMixin) -> str:
@@ -35,6 +65,12 @@ def layer_kind(layer: QuantMixin) -> str:
 
 class OscillationTracker:
     """Per-weight oscillation frequency EMA, integer EMA and freezing for low-bit layers.
+
+    The state of all tracked layers lives in flat buffers (``states[name]`` gives per-layer
+    views), so a step costs a handful of element passes over all weights at once, not a
+    dozen small ops per layer. A frozen weight's frequency is set to 0 when it freezes (its
+    integer no longer changes, so it cannot oscillate); this keeps the freeze check a single
+    ``max`` over the flat frequencies.
 
     Args:
         module: model holding quantized layers.
@@ -55,48 +91,97 @@ class OscillationTracker:
         self.layers: dict[str, QuantMixin] = {
             name: layer for name, layer in quant_layers(module) if layer.weight_bits <= max_bits
         }
-        self.states = {name: _LayerState(layer.weight) for name, layer in self.layers.items()}
+        self.states: dict[str, _LayerState] = {}
+        offset = 0
+        for name, layer in self.layers.items():
+            numel = layer.weight.numel()
+            self.states[name] = _LayerState(self, slice(offset, offset + numel), layer.weight.shape)
+            offset += numel
+        self.numel = offset
+        device = next(iter(self.layers.values())).weight.device if self.layers else torch.device("cpu")
+        self._freq = torch.zeros(offset, device=device)
+        self._last_dir = torch.zeros(offset, device=device)  # sign of the last integer change
+        self._prev: torch.Tensor | None = None  # integers of the previous step
+        self._int_ema: torch.Tensor | None = None
         self.steps = 0
+
+    def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
+        """All layers' latest forward integers as one flat tensor, and the layers that had none."""
+        parts, missing = [], []
+        for name, layer in self.layers.items():
+            x_int = layer.last_weight_int
+            if x_int is None:
+                missing.append(name)
+                if self._prev is None:
+                    x_int = layer.weight_int()
+                else:
+                    x_int = self._prev[self.states[name]._slice]
+            parts.append(x_int.reshape(-1))
+        if len(missing) == len(self.layers):
+            return None, missing
+        flat = torch.cat(parts)
+        if flat.device != self._freq.device:  # the model moved after the tracker was built
+            self._freq, self._last_dir = self._freq.to(flat.device), self._last_dir.to(flat.device)
+            if self._prev is not None:
+                self._prev, self._int_ema = self._prev.to(flat.device), self._int_ema.to(flat.device)
+        return flat, missing
 
     @torch.no_grad()
     def step(self, freeze_threshold: float = 0.0) -> None:
         """Update every tracked layer from its latest forward; freeze where ``f > freeze_threshold``.
 
-        ``freeze_threshold=0`` disables freezing. Also pins the latent value of frozen weights,
-        undoing any weight-decay or momentum drift from the optimizer step just taken.
+        ``freeze_threshold=0`` disables freezing. A layer without a forward since the last step
+        is left as it is. Also pins the latent value of frozen weights, undoing any weight-decay
+        or momentum drift from the optimizer step just taken.
         """
-        m = self.momentum
+        x, missing = self._gather_ints() if self.layers else (None, [])
+        if x is not None:
+            self._update(x, missing)
+        if freeze_threshold > 0.0 and self.layers and float(self._freq.max()) > freeze_threshold:
+            for name, layer in self.layers.items():
+                self._freeze(layer, self.states[name], freeze_threshold)
         for name, layer in self.layers.items():
-            x_int = layer.last_weight_int
-            if x_int is None:
-                continue
-            st = self.states[name]
-            if st.prev_int is None:
-                st.prev_int = x_int.clone()
-                st.int_ema = x_int.clone()
-            else:
-                direction = torch.sign(x_int - st.prev_int).to(torch.int8)
-                moved = direction != 0
-                oscillated = moved & (direction == -st.last_dir)
-                st.last_dir = torch.where(moved, direction, st.last_dir)
-                st.freq.mul_(1.0 - m).add_(oscillated, alpha=m)
-                st.int_ema.mul_(1.0 - m).add_(x_int, alpha=m)
-                st.prev_int.copy_(x_int)
-            if freeze_threshold > 0.0:
-                self._freeze(layer, st, freeze_threshold)
-            if layer._any_frozen and st.frozen_latent is not None:
-                torch.where(layer.frozen_mask, st.frozen_latent, layer.weight, out=layer.weight.data)
+            if layer._any_frozen:
+                st = self.states[name]
+                if st.frozen_latent is not None:
+                    layer.weight.data.view(-1).index_copy_(0, layer.frozen_idx, st.latent_values(layer))
             layer.last_weight_int = None  # consumed: a forward must run before the next update
         self.steps += 1
 
+    def _update(self, x: torch.Tensor, missing: list[str]) -> None:
+        if self._prev is None:
+            self._prev, self._int_ema = x, x.clone()
+            return
+        kept = {name: (self.states[name].freq.clone(), self.states[name].last_dir.clone(),
+                       self.states[name].int_ema.clone()) for name in missing}
+        m = self.momentum
+        direction = torch.sub(x, self._prev).sign_()
+        oscillated = torch.mul(direction, self._last_dir).lt_(0)  # 1.0 where the direction flipped
+        self._freq.lerp_(oscillated, m)
+        torch.where(direction != 0, direction, self._last_dir, out=self._last_dir)
+        self._int_ema.lerp_(x, m)
+        self._prev = x
+        for name, (freq, last_dir, int_ema) in kept.items():
+            st = self.states[name]
+            st.freq.copy_(freq)
+            st.last_dir.copy_(last_dir)
+            st.int_ema.copy_(int_ema)
+
     def _freeze(self, layer: QuantMixin, st: _LayerState, threshold: float) -> None:
-        new = (st.freq > threshold) & ~layer.frozen_mask
+        freq = st.freq
+        new = (freq > threshold) & ~layer.frozen_mask
         if not bool(new.any()):
             return
         n, p = layer.weight_quantizer.bounds
         target = torch.round(st.int_ema).clamp_(n, p)
         layer.frozen_int.copy_(torch.where(new, target.to(torch.int8), layer.frozen_int))
         layer.frozen_mask |= new
+        # Frozen: the integer is pinned from the next forward on, so it never moves again. Start
+        # its history from the pinned value, so the jump to it is not counted as an oscillation.
+        freq.masked_fill_(new, 0.0)
+        st.last_dir.masked_fill_(new, 0.0)
+        if st.prev_int is not None:
+            st.prev_int.copy_(torch.where(new, target, st.prev_int))
         latent = layer.weight.detach()
         if st.frozen_latent is None:
             st.frozen_latent = latent.clone()
@@ -150,7 +235,9 @@ class OscillationTracker:
     def state_dict(self) -> dict:
         out = {"steps": self.steps, "momentum": self.momentum, "layers": {}}
         for name, st in self.states.items():
-            out["layers"][name] = {k: getattr(st, k) for k in _LayerState.__slots__}
+            out["layers"][name] = {
+                key: (None if (value := getattr(st, key)) is None else value.clone()) for key in STATE_KEYS
+            }
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -158,9 +245,21 @@ class OscillationTracker:
         missing = set(self.states) - set(state["layers"])
         if missing:
             raise KeyError(f"tracker state lacks layers: {sorted(missing)[:5]}")
+        saved = {name: state["layers"][name] for name in self.states}
+        has_prev = [entry.get("prev_int") is not None for entry in saved.values()]
+        if any(has_prev):
+            self._prev = torch.cat([layer.weight_int().reshape(-1) for layer in self.layers.values()])
+            self._int_ema = self._prev.clone()
+        else:
+            self._prev = self._int_ema = None
         for name, st in self.states.items():
-            saved = state["layers"][name]
-            device = self.layers[name].weight.device
-            for key in _LayerState.__slots__:
-                value = saved[key]
-                setattr(st, key, value.to(device) if isinstance(value, torch.Tensor) else value)
+            entry, layer = saved[name], self.layers[name]
+            device = layer.weight.device
+            st.freq.copy_(entry["freq"])
+            st.last_dir.copy_(entry["last_dir"])  # older checkpoints stored int8 directions
+            for key in ("prev_int", "int_ema"):
+                if entry.get(key) is not None:
+                    getattr(st, key).copy_(entry[key])
+            latent = entry.get("frozen_latent")
+            st.frozen_latent = latent.to(device) if latent is not None else None
+            st._latent_idx = st._latent_vals = None

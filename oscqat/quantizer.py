@@ -23,30 +23,46 @@ def grid_bounds(bits: int, signed: bool) -> tuple[int, int]:
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Fake quantization returning ``(x_hat, x_int)``; x_int carries no gradient.
+    """Fake quantization returning ``(x_hat, x_int, damp)``; x_int carries no gradient.
 
-    ``frozen``/``frozen_int`` (optional) pin some elements to a stored integer: those get
-    no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
+    ``frozen_idx``/``frozen_vals`` (optional; flat indices and their float integers) pin some
+    elements: those get no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
+    With ``want_damp`` the same pass also returns the dampening sum ``sum((s*x_int - clip(w))^2)``
+    over non-frozen elements (scale detached) and adds its gradient ``2*s*(v - x_int)`` in
+    backward, so dampening costs a few fused element passes instead of its own autograd graph.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, n, p, grad_scale, frozen, frozen_int):
+    def forward(ctx, x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp):
         v = x / scale
         x_int = torch.round(v).clamp_(n, p)
-        if frozen is not None:
-            x_int = torch.where(frozen, frozen_int.to(x_int.dtype), x_int)
+        if frozen_idx is not None:
+            x_int.view(-1).index_copy_(0, frozen_idx, frozen_vals)
         x_hat = x_int * scale
-        ctx.save_for_backward(v, x_int, scale, frozen)
+        inside = resid = None
+        if want_damp:
+            inside = _inside(v, n, p, frozen_idx)
+            # Inside the grid clip(w) = w, and outside s*x_int = clip(w): the residual is
+            # (v - x_int) on inside elements only, in units of s.
+            resid = (v - x_int).mul_(inside)
+            s2 = scale.detach().square()
+            if scale.numel() == 1:
+                damp = torch.dot(resid.reshape(-1), resid.reshape(-1)) * s2.reshape(())
+            else:
+                damp = (resid.square() * s2).sum()
+        else:
+            damp = x.new_zeros(())
+            ctx.mark_non_differentiable(damp)
+        ctx.save_for_backward(v, x_int, scale, frozen_idx, inside, resid)
         ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
         ctx.mark_non_differentiable(x_int)
-        return x_hat, x_int
+        return x_hat, x_int, damp
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_int):
-        v, x_int, scale, frozen = ctx.saved_tensors
-        inside = (v >= ctx.n) & (v <= ctx.p)
-        if frozen is not None:
-            inside = inside & ~frozen
+    def backward(ctx, grad_out, _grad_int, grad_damp):
+        v, x_int, scale, frozen_idx, inside, resid = ctx.saved_tensors
+        if inside is None:
+            inside = _inside(v, ctx.n, ctx.p, frozen_idx)
         grad_x = grad_out * inside  # also needed for the scale gradient below
         grad_s = None
         if ctx.needs_input_grad[1]:
@@ -60,14 +76,40 @@ class _LSQFunction(torch.autograd.Function):
                 reduce_dims = [d for d in range(v.dim()) if scale.shape[d] == 1]
                 grad_s = (grad_out * x_int - grad_x * v).sum(dim=reduce_dims, keepdim=True)
             grad_s = grad_s * ctx.grad_scale
+        if resid is not None and grad_damp is not None:
+            # d/dw sum((w - s*x_int)^2) = 2 * s * (v - x_int) on inside, non-frozen elements
+            grad_x.addcmul_(resid, scale.detach() * (2.0 * grad_damp))
         if not ctx.needs_input_grad[0]:
             grad_x = None
-        return grad_x, grad_s, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None
+
+
+def _inside(v: torch.Tensor, n: int, p: int, frozen_idx: torch.Tensor | None) -> torch.Tensor:
+    """Where the straight-through estimator passes the gradient: ``n <= v <= p``, not frozen."""
+    inside = (v >= n) & (v <= p)
+    if frozen_idx is not None:
+        inside.view(-1).index_fill_(0, frozen_idx, False)
+    return inside
+
+
+def frozen_index(frozen: torch.Tensor | None, frozen_int: torch.Tensor | None):
+    """Dense mask + integers -> ``(flat indices, float values)``, or ``(None, None)`` when none."""
+    if frozen is None:
+        return None, None
+    idx = frozen.reshape(-1).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return None, None
+    return idx, frozen_int.reshape(-1)[idx].to(torch.float32)
 
 
 def lsq_fake_quant(x, scale, n, p, grad_scale=1.0, frozen=None, frozen_int=None):
-    """Functional LSQ: returns ``(x_hat, x_int)``. ``scale`` broadcasts against ``x``."""
-    return _LSQFunction.apply(x, scale, n, p, grad_scale, frozen, frozen_int)
+    """Functional LSQ: returns ``(x_hat, x_int)``. ``scale`` broadcasts against ``x``.
+
+    ``frozen`` (bool mask) / ``frozen_int`` pin elements to stored integers.
+    """
+    idx, vals = frozen_index(frozen, frozen_int)
+    x_hat, x_int, _ = _LSQFunction.apply(x, scale, n, p, grad_scale, idx, vals, False)
+    return x_hat, x_int
 
 
 class LSQQuantizer(nn.Module):
@@ -167,8 +209,16 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     # forward ------------------------------------------------------------------
-    def quantize(self, x, frozen=None, frozen_int=None):
-        """Return ``(x_hat, x_int)``; calibrates on the first call."""
+    def quantize(self, x, frozen_idx=None, frozen_vals=None):
+        """Return ``(x_hat, x_int)``; calibrates on the first call.
+
+        ``frozen_idx``/``frozen_vals``: flat indices of pinned elements and their integers
+        (float32), see ``frozen_index``.
+        """
+        return self.quantize_with_dampening(x, frozen_idx, frozen_vals, want_damp=False)[:2]
+
+    def quantize_with_dampening(self, x, frozen_idx=None, frozen_vals=None, want_damp=True):
+        """``quantize`` plus the dampening sum of the same pass (a zero when not ``want_damp``)."""
         if not self._ready:
             if not bool(self.initialized):
                 self.calibrate(x)
@@ -184,7 +234,9 @@ class LSQQuantizer(nn.Module):
         scale = self._broadcast_scale(x)
         if x.dtype != torch.float32:
             x = x.float()
-        return lsq_fake_quant(x, scale, n, p, grad_scale, frozen, frozen_int)
+        if frozen_idx is not None and not x.is_contiguous():
+            x = x.contiguous()  # frozen indices address the flat, contiguous layout
+        return _LSQFunction.apply(x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x)[0]

@@ -20,7 +20,7 @@ from torch import nn
 
 from oscqat.bn import bn_layers, bn_state, reestimate_bn
 from oscqat.config import TrainConfig
-from oscqat.dampening import dampening_loss
+from oscqat.dampening import dampening_loss, enable_fused_dampening
 from oscqat.data import DataBundle, build_data
 from oscqat.layers import QuantMixin
 from oscqat.models import create_model
@@ -86,6 +86,8 @@ class Trainer:
                                per_channel=config.per_channel, scale_init=config.scale_init)
             quantize_model(model, qcfg)
         self.model = model.to(self.device)
+        if config.dampens:  # the quantizers compute the dampening term in their own pass
+            enable_fused_dampening(self.model, max_bits=config.track_max_bits)
         self.tracker = (
             OscillationTracker(self.model, config.osc_momentum, config.track_max_bits) if config.quantized else None
         )

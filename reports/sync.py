@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reports.store import CampaignStore
-from search.tracking import SCALAR_METRICS, TAG, ensure_parent_run, find_child_runs, get_or_create_experiment, safe_value
+from search.tracking import (SCALAR_METRICS, TAG, ensure_parent_run, find_child_runs, get_or_create_experiment,
+                             parse_layer_osc, safe_value)
 
 _TERMINAL = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -138,8 +139,6 @@ def sync_target(store: CampaignStore, target) -> SyncSummary:
 
 def _log_artifacts(store, target, run_id: str, tid: str, params: dict, fp_path, epochs: list) -> None:
     from oscqat.config import TrainConfig
-    from search.plots import layer_oscillation_plot
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
@@ -147,10 +146,8 @@ def _log_artifacts(store, target, run_id: str, tid: str, params: dict, fp_path, 
             (tmp / "train_config.yaml").write_text(cfg.to_yaml())
         except ValueError:  # e.g. the FP checkpoint is gone: the params on the run still say it all
             pass
-        history = [{"epoch": e, "layers": dict(r["layer_osc"])} for e, r in sorted(epochs) if r.get("layer_osc")]
-        (tmp / "layer_oscillations.json").write_text(json.dumps(history))
-        if history and history[-1]["layers"]:
-            layer_oscillation_plot(history, tmp / "layer_oscillations.png", title=tid)
+        history = [{"epoch": e, "layers": parse_layer_osc(r["layer_osc"])} for e, r in sorted(epochs) if r.get("layer_osc")]
+        (tmp / "layer_oscillations.json").write_text(json.dumps(history))  # as the driver logs it
         store.client.log_artifacts(run_id, str(tmp))
 
 

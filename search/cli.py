@@ -42,6 +42,9 @@ def _print_next_steps(campaign) -> None:
                   if uri.startswith("sqlite") else f"\nCompare trials in the MLflow UI at {uri}")
     if campaign.optuna_storage.startswith("sqlite"):
         console.print(f"Optuna dashboard:                 [bold]optuna-dashboard {campaign.optuna_storage}[/]")
+    elif campaign.optuna_storage.startswith("journal:///"):
+        console.print(f"Optuna dashboard:                 [bold]optuna-dashboard "
+                      f"{campaign.optuna_storage.removeprefix('journal:///')}[/]")
     console.print(f"Export the winner:                [bold]oscqat report export {campaign.name} "
                   f"--target {campaign.targets[0].label} --out best.yaml[/]")
 

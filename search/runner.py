@@ -223,7 +223,10 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
             trainable,
             tune_config=tune.TuneConfig(metric="val_top1", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=b.num_samples, max_concurrent_trials=campaign.max_concurrent_trials,
-                                        time_budget_s=b.time_budget_s),
+                                        time_budget_s=b.time_budget_s,
+                                        # a new trial reuses a finished trial's worker process: no new
+                                        # process, torch import and data set build per trial
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=target.slug, storage_path=campaign.ray_storage_path(), callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
@@ -307,8 +310,10 @@ def resume_campaign(name_or_path: str, address: str | None = None) -> list[Targe
 
 
 def _absolute_sqlite(uri: str) -> str:
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    """``sqlite:///rel.db`` or ``journal:///rel.log`` -> the same file by its absolute path."""
+    for scheme in ("sqlite:///", "journal:///"):
+        if uri.startswith(scheme) and not uri.startswith(scheme + "/"):
+            return scheme + str(Path(uri.removeprefix(scheme)).expanduser().resolve())
     return uri
 
 

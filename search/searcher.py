@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Callable
 
 import optuna
@@ -30,12 +31,54 @@ def make_sampler(seed: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage *instance* (OptunaSearch refuses URL strings)."""
-    if url.startswith("sqlite:///"):
-        from pathlib import Path
+    """An Optuna storage *instance* (OptunaSearch refuses URL strings).
 
+    ``sqlite:///`` gets WAL journaling with ``synchronous=NORMAL`` (see ``SqliteStorage``);
+    ``journal:///path`` is Optuna's append-only journal file, the fastest for large campaigns;
+    any other SQLAlchemy URL (postgresql://, mysql://) goes to ``RDBStorage`` as it is.
+    """
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:///")).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        return SqliteStorage(url, heartbeat_interval=None)
     return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class SqliteStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` on SQLite with write-ahead logging and ``synchronous=NORMAL``.
+
+    Define-by-run commits every ``suggest_*`` separately (about 20 commits per ask and tell).
+    In the default rollback-journal mode each commit waits for fsyncs; in WAL mode with NORMAL,
+    only checkpoints do. That halves Optuna's ask latency at 1,000 trials (docs/BENCHMARKS.md).
+    A crash of the process loses nothing, and a power loss can lose only the last commits; the
+    database stays consistent. WAL needs a local filesystem, which the driver's store is.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._install_pragmas()
+
+    def __setstate__(self, state):  # Tune pickles the searcher with its storage
+        super().__setstate__(state)
+        self._install_pragmas()
+
+    def _install_pragmas(self) -> None:
+        import sqlalchemy
+
+        sqlalchemy.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine.dispose()  # connections opened while creating the tables lack the pragmas
 
 
 class StateAwareOptunaSearch(OptunaSearch):

@@ -47,6 +47,11 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def parse_layer_osc(value) -> dict:
+    """A result's ``layer_osc``: a JSON string from trials (a dict in older results)."""
+    return json.loads(value) if isinstance(value, str) else dict(value)
+
+
 def safe_value(key: str, value) -> str:
     """Stringify a param/tag value, dropping secrets (keys named like one; credentials in URIs)."""
     if any(s in key.lower() for s in _SECRET_KEYS):
@@ -274,7 +279,7 @@ class MlflowTrialCallback(Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if "layer_osc" in result:
             hist = self._layer_osc.setdefault(tid, [])
-            hist[:] = [h for h in hist if h["epoch"] < epoch] + [{"epoch": epoch, "layers": dict(result["layer_osc"])}]
+            hist[:] = [h for h in hist if h["epoch"] < epoch] + [{"epoch": epoch, "layers": parse_layer_osc(result["layer_osc"])}]
         if epoch <= self._logged_epoch.get(tid, 0):
             return  # already logged (or buffered), e.g. before a driver restart: no duplicates
         from mlflow.entities import Metric
@@ -323,11 +328,9 @@ class MlflowTrialCallback(Callback):
             cfg = TrainConfig.model_validate({**self.base_config, **trial.config})
             (Path(tmp) / "train_config.yaml").write_text(cfg.to_yaml())
             history = self._layer_osc.get(trial.trial_id, [])
+            # The heatmap is drawn on demand by `oscqat report plot` (it cost the driver ~0.3 s
+            # of CPU per trial, 90% of this callback); the data behind it is logged here.
             (Path(tmp) / "layer_oscillations.json").write_text(json.dumps(history))
-            if history:
-                from search.plots import layer_oscillation_plot
-
-                layer_oscillation_plot(history, Path(tmp) / "layer_oscillations.png", title=trial.trial_id)
             self.client.log_artifacts(run_id, tmp)
         self._layer_osc.pop(trial.trial_id, None)  # delivered: free the driver's copy
 

@@ -59,7 +59,9 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
                          "max_epochs": cfg.epochs})
             return
         _maybe_inject_fault(fault, trainer.epoch, checkpoint is not None, cfg)
-        layer_osc = {name: round(v["osc_frac"], 6) for name, v in trainer.layer_history[-1].items()}
+        # A JSON string, not a dict: Tune keeps running statistics for every numeric leaf of a
+        # result in the driver, which for per-layer values grew the driver by ~100 KB a trial.
+        layer_osc = json.dumps({name: round(v["osc_frac"], 6) for name, v in trainer.layer_history[-1].items()})
         with tempfile.TemporaryDirectory() as tmp:
             trainer.save(Path(tmp) / CHECKPOINT_FILE)
             (Path(tmp) / "metrics.json").write_text(json.dumps(trainer.history))

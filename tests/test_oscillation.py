@@ -81,6 +81,40 @@ def test_tracker_freezes_at_rounded_integer_ema():
     assert layer.frozen_int.view(-1)[0].item() == 1  # the majority state, not the last one
     assert layer._any_frozen
     assert layer.weight_int().view(-1)[0].item() == 1
+    state = tracker.states[""]
+    assert state.freq.view(-1)[0].item() == 0.0  # a frozen weight no longer oscillates
+    _feed(tracker, layer, [[1, 3]] * 3)
+    assert state.freq.view(-1)[0].item() == 0.0
+
+
+def test_freezing_does_not_count_the_jump_to_the_pinned_integer():
+    layer = QuantLinear(1, 1, bias=False, weight_bits=4)
+    tracker = OscillationTracker(layer, momentum=0.1)
+    # 2,3,2,3,... then freeze while the forward says 3: the EMA (2.32) pins it to 2, so the next
+    # forward's integer jumps from 3 to 2, which is the freeze, not an oscillation.
+    _feed(tracker, layer, [[[2]], [[3]], [[2]], [[3]], [[2]], [[3]]])
+    state = tracker.states[""]
+    _feed(tracker, layer, [[[3]]], freeze_threshold=0.1)
+    assert layer.frozen_mask.item() and layer.frozen_int.item() == 2
+    assert state.prev_int.item() == 2 and state.freq.item() == 0.0
+    _feed(tracker, layer, [[[2]]] * 4)  # the forward now gives the pinned integer
+    assert state.freq.item() == 0.0 and state.last_dir.item() == 0
+
+
+def test_tracker_leaves_layers_without_a_forward_untouched():
+    model = nn.Sequential(QuantLinear(2, 2, bias=False, weight_bits=4), QuantLinear(2, 2, bias=False, weight_bits=4))
+    tracker = OscillationTracker(model, momentum=0.5)
+    a, b = model[0], model[1]
+    for ints in ([0, 1], [1, 0], [0, 1]):
+        a.last_weight_int = torch.tensor([ints, ints], dtype=torch.float32)
+        b.last_weight_int = torch.tensor([ints, ints], dtype=torch.float32)
+        tracker.step()
+    before = {k: getattr(tracker.states["1"], k).clone() for k in ("freq", "last_dir", "int_ema", "prev_int")}
+    a.last_weight_int = torch.tensor([[1, 0], [1, 0]], dtype=torch.float32)  # only layer 0 ran
+    tracker.step()
+    for key, value in before.items():
+        assert torch.equal(getattr(tracker.states["1"], key), value), key
+    assert tracker.states["0"].freq[0, 0].item() == 0.75  # 0.5 * 0.5 + 0.5 * 1
 
 
 def test_tracker_only_counts_layers_up_to_max_bits():
@@ -264,6 +298,52 @@ def test_dampening_ignores_frozen_weights_and_high_bit_layers():
     assert dampening_loss(model, "sum", max_bits=3).item() == pytest.approx(0.1176, abs=1e-6)
     with pytest.raises(ValueError):
         dampening_loss(model, "median")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("aggregation", ["kernel_mean", "sum", "mean"])
+def test_fused_dampening_matches_the_unfused_formula(per_channel, aggregation):
+    """The quantizer's fused dampening sum and gradient equal the explicit autograd formula,
+    frozen weights and clipped weights included, with the task gradient flowing alongside."""
+    from oscqat.dampening import enable_fused_dampening
+
+    def build():
+        torch.manual_seed(3)
+        model = nn.Sequential(QuantConv2d(3, 6, 3, bias=False, weight_bits=3, act_bits=4, per_channel=per_channel),
+                              nn.Flatten(), QuantLinear(6 * 4 * 4, 5, weight_bits=4, per_channel=per_channel))
+        x = torch.randn(4, 3, 6, 6)
+        model(x)  # calibrate
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                layer.weight_quantizer.scale.mul_(0.7)  # force some clipping
+            model[0].frozen_mask.view(-1)[::7] = True
+            model[0].frozen_int.view(-1)[::7] = 1
+        model[0].refresh_frozen()
+        return model, x
+
+    fused, x = build()
+    assert enable_fused_dampening(fused, max_bits=8) == 2
+    out = fused(x)
+    assert all(layer.last_damp is not None for layer in (fused[0], fused[2]))
+    loss_f = dampening_loss(fused, aggregation)
+    (out.square().mean() + 0.3 * loss_f).backward()
+
+    plain, x = build()
+    out = plain(x)
+    assert plain[0].last_damp is None
+    loss_p = dampening_loss(plain, aggregation)
+    (out.square().mean() + 0.3 * loss_p).backward()
+
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-7)
+    assert loss_p.item() > 0
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    frozen = fused[0].frozen_mask
+    assert torch.all(fused[0].weight.grad[frozen] == 0)
+
+    fused.eval()  # evaluation (and no_grad) forwards do not compute it
+    fused(x)
+    assert fused[0].last_damp is None
 
 
 # ----------------------------------------------------------------------------- schedules
