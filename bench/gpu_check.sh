@@ -314,14 +314,14 @@ def table():
         s = thr["setup"]
         print(f"\nMobileNetV2 training throughput, synthetic {s['image_size']}x{s['image_size']}, batch {s['batch']}, "
               f"{s['timed_epochs']} x {s['steps_per_epoch']} timed steps after 1 warm-up epoch ({s['device']})")
-        print(f"{'variant':<28}{'trainer img/s':>14}{'vs fp32':>9}{'batch-on-device img/s':>20}{'vs fp32':>9}{'peak GiB':>10}")
+        print(f"{'variant':<28}{'trainer img/s':>14}{'vs fp32':>9}{'batch-on-device img/s':>23}{'vs fp32':>9}{'peak GiB':>10}")
         for name, row in thr["variants"].items():
             if "error" in row:
                 print(f"{name:<28}  ERROR {row['error']}")
                 continue
             peak = f"{row['peak_mem_gib']:.1f}" if "peak_mem_gib" in row else "-"
             print(f"{name:<28}{row['trainer_img_s']:>14.0f}{row.get('trainer_vs_fp32', float('nan')):>9.2f}"
-                  f"{row['resident_img_s']:>20.0f}{row.get('resident_vs_fp32', float('nan')):>9.2f}{peak:>10}")
+                  f"{row['resident_img_s']:>23.0f}{row.get('resident_vs_fp32', float('nan')):>9.2f}{peak:>10}")
     if camp:
         print(f"\ncampaign: 4 trials MobileNetV2 W4A4 synthetic {camp['image_size']}px, 2 epochs, resources {camp['resources']}")
         best = f"{camp['best_val_top1']:.4f}" if camp["best_val_top1"] is not None else "-"

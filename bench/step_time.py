@@ -1,7 +1,9 @@
 """Benchmark: the cost of one QAT training step, and of oscillation handling on top of it.
 
-MobileNetV2 at 32x32, batch 64, CPU. Variants run interleaved (round-robin), after warm-up,
-and are compared by their median step time, so machine noise hits all of them alike.
+MobileNetV2 at 32x32, batch 64, CPU. Variants run interleaved (round-robin, alternating order),
+after warm-up. Each ratio is the median over rounds of the per-round ratio, so the two sides of
+a ratio are always measured seconds apart and host noise (which swings single steps by +-20% on
+a shared VM) cancels; the ratio of the medians is reported alongside.
 
     python bench/step_time.py [--json FILE] [--rounds 15] [--threads 2]
 """
@@ -9,6 +11,7 @@ and are compared by their median step time, so machine noise hits all of them al
 from __future__ import annotations
 
 import argparse
+import random
 import json
 import platform
 import statistics
@@ -29,6 +32,17 @@ VARIANTS = {
     "lsq+track+freeze": (True, True, True, False),
     "lsq+dampen": (True, False, False, True),
     "full": (True, True, True, True),
+    "lsq (A/A control)": (True, False, False, False),  # a second plain-LSQ model: the noise floor
+}
+
+
+RATIOS = {  # name: (numerator, denominator)
+    "lsq_over_fp32": ("lsq", "fp32"),
+    "track_over_lsq": ("lsq+track", "lsq"),
+    "track_freeze_over_lsq": ("lsq+track+freeze", "lsq"),
+    "dampen_over_lsq": ("lsq+dampen", "lsq"),
+    "full_over_lsq": ("full", "lsq"),
+    "control_over_lsq": ("lsq (A/A control)", "lsq"),
 }
 
 
@@ -36,7 +50,7 @@ class Variant:
     def __init__(self, name: str, bits: int, batch: int, size: int, seed: int = 0):
         quantized, self.track, self.freeze, self.dampen = VARIANTS[name]
         torch.manual_seed(seed)
-        self.model = create_model("mobilenet_v2", num_classes=10)
+        self.model = create_model("mobilenet_v2", num_classes=10)  # same seed: same weights for all
         if quantized:
             quantize_model(self.model, QuantConfig(weight_bits=bits, act_bits=bits))
         self.x = torch.randn(batch, 3, size, size)
@@ -77,26 +91,26 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
             v.step()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        order = list(variants)
+        random.Random(r).shuffle(order)  # no variant always runs right after another
         for name in order:
             t0 = time.perf_counter()
             for _ in range(steps_per_round):
                 variants[name].step()
             times[name].append((time.perf_counter() - t0) / steps_per_round)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    def paired(num: str, den: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
     frozen = 0.0
     full = variants["full"]
     if full.tracker is not None:
         frozen = full.tracker.summary()["frozen_frac"]
     return {
         "median_step_s": med,
-        "ratios": {
-            "lsq_over_fp32": med["lsq"] / med["fp32"],
-            "track_over_lsq": med["lsq+track"] / med["lsq"],
-            "track_freeze_over_lsq": med["lsq+track+freeze"] / med["lsq"],
-            "dampen_over_lsq": med["lsq+dampen"] / med["lsq"],
-            "full_over_lsq": med["full"] / med["lsq"],
-        },
+        "ratios": {key: paired(num, den) for key, (num, den) in RATIOS.items()},
+        "ratios_of_medians": {key: med[num] / med[den] for key, (num, den) in RATIOS.items()},
         "full_variant_frozen_frac": frozen,
     }
 
@@ -104,9 +118,9 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results to this file")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps-per-round", type=int, default=2)
+    ap.add_argument("--steps-per-round", type=int, default=1)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32)
@@ -123,11 +137,14 @@ def main() -> None:
     print(f"{'variant':<20}{'median step (ms)':>18}")
     for name, t in res["median_step_s"].items():
         print(f"{name:<20}{t * 1000:>18.1f}")
+    print("\ncontrol_over_lsq compares two identical plain-LSQ models: its distance from 1.000 is")
+    print("this run's noise floor (memory layout, host noise) for every other ratio.")
     print()
+    print(f"{'ratio':<24}{'paired':>8}{'of medians':>12}")
     for key, value in res["ratios"].items():
         target = targets.get(key)
         verdict = "" if target is None else ("  (target <= %.2f: %s)" % (target, "met" if value <= target else "MISSED"))
-        print(f"{key:<24}{value:>7.3f}{verdict}")
+        print(f"{key:<24}{value:>8.3f}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)

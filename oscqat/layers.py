@@ -65,6 +65,27 @@ class QuantMixin:
         self.frozen_idx, self.frozen_vals = frozen_index(self.frozen_mask, self.frozen_int)
         self._any_frozen = self.frozen_idx is not None
 
+    @torch.no_grad()
+    def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, ints8: torch.Tensor | None = None,
+                       check: bool = True) -> torch.Tensor:
+        """Pin the weights at ``flat_idx`` to the integers ``ints``, updating the sparse index
+        in place of a full ``refresh_frozen`` pass. ``check`` skips weights already frozen (the
+        tracker guarantees there are none). Returns the indices that were newly frozen."""
+        if check:
+            fresh = ~self.frozen_mask.view(-1)[flat_idx]
+            flat_idx, ints, ints8 = flat_idx[fresh], ints[fresh], None
+        ints = ints.to(torch.float32)
+        self.frozen_mask.view(-1)[flat_idx] = True
+        self.frozen_int.view(-1)[flat_idx] = ints8 if ints8 is not None else ints.to(torch.int8)
+        buffers = self._buffers  # direct writes: Module.__setattr__ costs more than the ops here
+        if buffers["frozen_idx"] is None:
+            buffers["frozen_idx"], buffers["frozen_vals"] = flat_idx, ints
+        else:
+            buffers["frozen_idx"] = torch.cat([buffers["frozen_idx"], flat_idx])
+            buffers["frozen_vals"] = torch.cat([buffers["frozen_vals"], ints])
+        self.__dict__["_any_frozen"] = buffers["frozen_idx"].numel() > 0
+        return flat_idx
+
     @property
     def is_depthwise(self) -> bool:
         groups = getattr(self, "groups", 1)

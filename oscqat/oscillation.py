@@ -16,19 +16,22 @@ from oscqat.layers import QuantMixin, quant_layers
 class _LayerState:
     """One layer's slice of the tracker's flat state, as views shaped like the weight."""
 
-    __slots__ = ("_tracker", "_slice", "_shape", "frozen_latent", "_latent_vals", "_latent_idx")
+    __slots__ = ("_tracker", "_slice", "_shape", "frozen_latent", "_latent_vals", "_latent_idx", "_seen_idx")
 
     def __init__(self, tracker: "OscillationTracker", sl: slice, shape: torch.Size):
         self._tracker, self._slice, self._shape = tracker, sl, shape
         self.frozen_latent: torch.Tensor | None = None  # latent values at freeze time (dense)
         self._latent_vals: torch.Tensor | None = None  # frozen_latent at the layer's frozen_idx
         self._latent_idx: torch.Tensor | None = None  # the frozen_idx those values belong to
+        self._seen_idx: torch.Tensor | None = None  # the layer's frozen_idx the tracker last saw
 
     def _view(self, flat: torch.Tensor | None) -> torch.Tensor | None:
         return None if flat is None else flat[self._slice].view(self._shape)
 
     @property
     def freq(self) -> torch.Tensor:
+        """Oscillation frequency EMA (a writable view)."""
+        self._tracker._normalise()
         return self._view(self._tracker._freq)
 
     @property
@@ -41,7 +44,12 @@ class _LayerState:
 
     @property
     def int_ema(self) -> torch.Tensor | None:
-        return self._view(self._tracker._int_ema)
+        """EMA of the integer weight (computed: previous integer plus its deviation)."""
+        t = self._tracker
+        if t._prev is None:
+            return None
+        t._normalise()
+        return self._view(t._prev + t._ema_dev)
 
     def latent_values(self, layer: QuantMixin) -> torch.Tensor:
         """``frozen_latent`` at the layer's current frozen indices (cached per index tensor)."""
@@ -67,10 +75,12 @@ class OscillationTracker:
     """Per-weight oscillation frequency EMA, integer EMA and freezing for low-bit layers.
 
     The state of all tracked layers lives in flat buffers (``states[name]`` gives per-layer
-    views), so a step costs a handful of element passes over all weights at once, not a
-    dozen small ops per layer. A frozen weight's frequency is set to 0 when it freezes (its
-    integer no longer changes, so it cannot oscillate); this keeps the freeze check a single
-    ``max`` over the flat frequencies.
+    views). Both EMAs are kept in a scaled form that only changes where an integer changed:
+    ``f = _freq * _decay`` and ``x_ema = prev + _ema_dev * _decay``, with the common factor
+    ``_decay = (1-m)^k`` a Python float. A step then costs one subtraction over all weights and
+    work proportional to the few integers that moved, not a dozen passes over every weight.
+    A frozen weight's frequency is set to 0 when it freezes (its integer no longer changes, so
+    it cannot oscillate); this keeps the freeze check a single ``max`` over the frequencies.
 
     Args:
         module: model holding quantized layers.
@@ -98,11 +108,15 @@ class OscillationTracker:
             self.states[name] = _LayerState(self, slice(offset, offset + numel), layer.weight.shape)
             offset += numel
         self.numel = offset
+        self._starts = [st._slice.start for st in self.states.values()] + [offset]
+        self._starts_t: torch.Tensor | None = None
+        self._bounds_cache = None  # set on the first freeze (signedness is fixed by then)
         device = next(iter(self.layers.values())).weight.device if self.layers else torch.device("cpu")
-        self._freq = torch.zeros(offset, device=device)
+        self._freq = torch.zeros(offset, device=device)  # frequency EMA / _decay
         self._last_dir = torch.zeros(offset, device=device)  # sign of the last integer change
         self._prev: torch.Tensor | None = None  # integers of the previous step
-        self._int_ema: torch.Tensor | None = None
+        self._ema_dev: torch.Tensor | None = None  # (integer EMA - prev) / _decay
+        self._decay = 1.0
         self.steps = 0
 
     def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
@@ -123,7 +137,7 @@ class OscillationTracker:
         if flat.device != self._freq.device:  # the model moved after the tracker was built
             self._freq, self._last_dir = self._freq.to(flat.device), self._last_dir.to(flat.device)
             if self._prev is not None:
-                self._prev, self._int_ema = self._prev.to(flat.device), self._int_ema.to(flat.device)
+                self._prev, self._ema_dev = self._prev.to(flat.device), self._ema_dev.to(flat.device)
         return flat, missing
 
     @torch.no_grad()
@@ -137,57 +151,121 @@ class OscillationTracker:
         x, missing = self._gather_ints() if self.layers else (None, [])
         if x is not None:
             self._update(x, missing)
-        if freeze_threshold > 0.0 and self.layers and float(self._freq.max()) > freeze_threshold:
-            for name, layer in self.layers.items():
-                self._freeze(layer, self.states[name], freeze_threshold)
+        if freeze_threshold > 0.0 and self.layers:
+            self._sync_hand_frozen()
+        if freeze_threshold > 0.0 and self.layers:
+            scaled = freeze_threshold / self._decay
+            if float(self._freq.max()) > scaled:
+                # frozen weights have frequency 0, so every candidate is a new one
+                self._freeze(torch.nonzero(self._freq > scaled).squeeze(1))
         for name, layer in self.layers.items():
             if layer._any_frozen:
                 st = self.states[name]
                 if st.frozen_latent is not None:
                     layer.weight.data.view(-1).index_copy_(0, layer.frozen_idx, st.latent_values(layer))
-            layer.last_weight_int = None  # consumed: a forward must run before the next update
+            layer.__dict__["last_weight_int"] = None  # consumed: a forward must run before the next update
         self.steps += 1
 
     def _update(self, x: torch.Tensor, missing: list[str]) -> None:
         if self._prev is None:
-            self._prev, self._int_ema = x, x.clone()
+            self._prev, self._ema_dev = x, torch.zeros_like(x)
             return
-        kept = {name: (self.states[name].freq.clone(), self.states[name].last_dir.clone(),
-                       self.states[name].int_ema.clone()) for name in missing}
         m = self.momentum
-        direction = torch.sub(x, self._prev).sign_()
-        oscillated = torch.mul(direction, self._last_dir).lt_(0)  # 1.0 where the direction flipped
-        self._freq.lerp_(oscillated, m)
-        torch.where(direction != 0, direction, self._last_dir, out=self._last_dir)
-        self._int_ema.lerp_(x, m)
+        kept = {name: (self.states[name]._slice, self._freq[self.states[name]._slice].clone(),
+                       self._last_dir[self.states[name]._slice].clone(),
+                       self._ema_dev[self.states[name]._slice].clone()) for name in missing}
+        delta = torch.sub(x, self._prev)
+        moved = torch.nonzero(delta).squeeze(1)
+        old_decay = self._decay
+        self._decay *= 1.0 - m
+        if moved.numel():
+            step = delta[moved]
+            direction = step.sign()
+            flipped = moved[direction * self._last_dir[moved] < 0]
+            # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1
+            self._freq[flipped] += m / self._decay
+            self._last_dir[moved] = direction
+            # x_ema_t - x_t = (1-m) (x_ema_{t-1} - x_{t-1} - delta)  <=>  _ema_dev -= delta / decay_{t-1}
+            self._ema_dev[moved] -= step / old_decay
         self._prev = x
-        for name, (freq, last_dir, int_ema) in kept.items():
-            st = self.states[name]
-            st.freq.copy_(freq)
-            st.last_dir.copy_(last_dir)
-            st.int_ema.copy_(int_ema)
+        for sl, freq, last_dir, ema_dev in kept.values():  # a layer without a forward keeps its state
+            self._freq[sl] = freq * (old_decay / self._decay)
+            self._last_dir[sl] = last_dir
+            self._ema_dev[sl] = ema_dev * (old_decay / self._decay)
+        if self._decay < 1e-4:  # keep the scaled values well inside float32's range
+            self._normalise()
 
-    def _freeze(self, layer: QuantMixin, st: _LayerState, threshold: float) -> None:
-        freq = st.freq
-        new = (freq > threshold) & ~layer.frozen_mask
-        if not bool(new.any()):
-            return
-        n, p = layer.weight_quantizer.bounds
-        target = torch.round(st.int_ema).clamp_(n, p)
-        layer.frozen_int.copy_(torch.where(new, target.to(torch.int8), layer.frozen_int))
-        layer.frozen_mask |= new
-        # Frozen: the integer is pinned from the next forward on, so it never moves again. Start
-        # its history from the pinned value, so the jump to it is not counted as an oscillation.
-        freq.masked_fill_(new, 0.0)
-        st.last_dir.masked_fill_(new, 0.0)
-        if st.prev_int is not None:
-            st.prev_int.copy_(torch.where(new, target, st.prev_int))
-        latent = layer.weight.detach()
-        if st.frozen_latent is None:
-            st.frozen_latent = latent.clone()
-        else:
-            st.frozen_latent = torch.where(new, latent, st.frozen_latent)
-        layer.refresh_frozen()
+    def _normalise(self) -> None:
+        """Fold ``_decay`` into the buffers (two passes), so they hold the plain values."""
+        if self._decay != 1.0:
+            self._freq.mul_(self._decay)
+            if self._ema_dev is not None:
+                self._ema_dev.mul_(self._decay)
+            self._decay = 1.0
+
+    def _freeze(self, new_idx: torch.Tensor) -> None:
+        """Freeze the weights at flat indices ``new_idx`` (sorted) at their rounded integer EMA.
+
+        Sparse and batched over layers: the cost grows with the number of newly frozen weights
+        and the layers they sit in, not with the model, so freezing a few weights every step
+        stays cheap.
+        """
+        bounds = self._bounds()
+        old_prev = self._prev[new_idx]
+        targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
+        if bounds[0] is not None:
+            targets.clamp_(*bounds[0])
+        cuts = torch.searchsorted(new_idx, self._starts_on(new_idx.device)).tolist()
+        # Frozen from the next forward on, the integer never moves again: frequency 0, and the
+        # history restarts at the pinned value, so the jump to it is no oscillation.
+        self._freq[new_idx] = 0.0
+        self._last_dir[new_idx] = 0.0
+        ints8 = targets.to(torch.int8)
+        for i, (name, layer) in enumerate(self.layers.items()):
+            a, b = cuts[i], cuts[i + 1]
+            if a == b:
+                continue
+            ints = targets[a:b]
+            if bounds[0] is None:
+                ints.clamp_(*bounds[1][i])
+            local = new_idx[a:b] - self._starts[i]
+            old_idx = layer.frozen_idx
+            layer.freeze_weights(local, ints, ints8[a:b] if bounds[0] is not None else None, check=False)
+            st = self.states[name]
+            st._seen_idx = layer.frozen_idx
+            latent = layer.weight.detach().reshape(-1)[local]
+            if st.frozen_latent is None:
+                st.frozen_latent = layer.weight.detach().clone()
+            else:
+                st.frozen_latent.view(-1)[local] = latent
+            if st._latent_idx is not None and st._latent_idx is old_idx:  # extend the cache in order
+                st._latent_vals = torch.cat([st._latent_vals, latent])
+                st._latent_idx = layer.frozen_idx
+        self._prev[new_idx] = targets
+        self._ema_dev[new_idx] -= (targets - old_prev) / self._decay  # the EMA itself is unchanged
+
+    def _bounds(self):
+        """``(shared (n, p) or None, per-layer list)``: one clamp when all layers share bits."""
+        if self._bounds_cache is None:
+            per_layer = [layer.weight_quantizer.bounds for layer in self.layers.values()]
+            shared = per_layer[0] if len(set(per_layer)) == 1 else None
+            self._bounds_cache = (shared, per_layer)
+        return self._bounds_cache
+
+    def _starts_on(self, device: torch.device) -> torch.Tensor:
+        if self._starts_t is None or self._starts_t.device != device:
+            self._starts_t = torch.tensor(self._starts, device=device)
+        return self._starts_t
+
+    def _sync_hand_frozen(self) -> None:
+        """Weights frozen outside the tracker (``refresh_frozen`` after editing the mask) keep
+        their old frequency; zero it, so they are never candidates again."""
+        for name, layer in self.layers.items():
+            st = self.states[name]
+            if layer.frozen_idx is not st._seen_idx:
+                if layer.frozen_idx is not None:
+                    self._freq[st._slice][layer.frozen_idx] = 0.0
+                st._seen_idx = layer.frozen_idx
 
     # reporting -------------------------------------------------------------
     @torch.no_grad()
@@ -247,19 +325,22 @@ class OscillationTracker:
             raise KeyError(f"tracker state lacks layers: {sorted(missing)[:5]}")
         saved = {name: state["layers"][name] for name in self.states}
         has_prev = [entry.get("prev_int") is not None for entry in saved.values()]
+        self._decay = 1.0
         if any(has_prev):
             self._prev = torch.cat([layer.weight_int().reshape(-1) for layer in self.layers.values()])
-            self._int_ema = self._prev.clone()
+            self._ema_dev = torch.zeros_like(self._prev)
         else:
-            self._prev = self._int_ema = None
+            self._prev = self._ema_dev = None
         for name, st in self.states.items():
             entry, layer = saved[name], self.layers[name]
             device = layer.weight.device
             st.freq.copy_(entry["freq"])
             st.last_dir.copy_(entry["last_dir"])  # older checkpoints stored int8 directions
-            for key in ("prev_int", "int_ema"):
-                if entry.get(key) is not None:
-                    getattr(st, key).copy_(entry[key])
+            if entry.get("prev_int") is not None:
+                st.prev_int.copy_(entry["prev_int"])
+                if entry.get("int_ema") is not None:
+                    self._ema_dev[st._slice] = (entry["int_ema"].to(device) - st.prev_int).reshape(-1)
             latent = entry.get("frozen_latent")
             st.frozen_latent = latent.to(device) if latent is not None else None
             st._latent_idx = st._latent_vals = None
+            st.freq.masked_fill_(layer.frozen_mask, 0.0)  # no-op for this version's states

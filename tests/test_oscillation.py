@@ -101,6 +101,56 @@ def test_freezing_does_not_count_the_jump_to_the_pinned_integer():
     assert state.freq.item() == 0.0 and state.last_dir.item() == 0
 
 
+def test_tracker_matches_a_dense_reference_over_a_long_random_walk():
+    """The scaled sparse update (and its periodic renormalisation) equals METHOD.md's dense EMAs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(5, 3, bias=False, weight_bits=4), QuantLinear(3, 2, bias=False, weight_bits=3))
+    m = 0.3  # decays below the renormalisation point every ~26 steps
+    tracker = OscillationTracker(model, momentum=m)
+    shapes = [model[0].weight.shape, model[1].weight.shape]
+    ints = [torch.zeros(sh) for sh in shapes]
+    ref = [dict(f=torch.zeros(sh), d=torch.zeros(sh), ema=None, prev=None) for sh in shapes]
+    for step in range(80):
+        for i, layer in enumerate(model):
+            ints[i] = (ints[i] + torch.randint(-1, 2, shapes[i]) * (torch.rand(shapes[i]) < 0.3)).clamp(-4, 3)
+            layer.last_weight_int = ints[i].clone()
+            r = ref[i]
+            if r["prev"] is None:
+                r["prev"], r["ema"] = ints[i].clone(), ints[i].clone()
+                continue
+            direction = torch.sign(ints[i] - r["prev"])
+            osc = (direction != 0) & (direction == -r["d"])
+            r["d"] = torch.where(direction != 0, direction, r["d"])
+            r["f"] = m * osc.float() + (1 - m) * r["f"]
+            r["ema"] = m * ints[i] + (1 - m) * r["ema"]
+            r["prev"] = ints[i].clone()
+        tracker.step()
+        if step % 7 == 0 or step == 79:
+            for name, r in zip(("0", "1"), ref):
+                st = tracker.states[name]
+                torch.testing.assert_close(st.freq, r["f"], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(st.int_ema, r["ema"], rtol=1e-5, atol=1e-5)
+                assert torch.equal(st.last_dir, r["d"])
+    assert tracker.states["0"].freq.max() > 0.2  # the walk did oscillate
+
+
+def test_hand_frozen_weights_are_not_frozen_again():
+    layer = QuantLinear(2, 2, bias=False, weight_bits=4)
+    tracker = OscillationTracker(layer, momentum=0.5)
+    _feed(tracker, layer, [[[0, 1], [0, 1]], [[1, 0], [1, 0]], [[0, 1], [0, 1]]])
+    assert (tracker.states[""].freq > 0.2).all()
+    with torch.no_grad():  # freeze one weight by hand, pinned to 5
+        layer.frozen_mask[0, 0] = True
+        layer.frozen_int[0, 0] = 5
+    layer.refresh_frozen()
+    _feed(tracker, layer, [[[1, 0], [1, 0]]], freeze_threshold=0.2)
+    assert layer.frozen_mask.all()
+    assert layer.frozen_int[0, 0].item() == 5  # the hand-set integer stays
+    assert sorted(layer.frozen_idx.tolist()) == [0, 1, 2, 3]  # each weight once
+    assert layer.frozen_vals[layer.frozen_idx.tolist().index(0)].item() == 5.0
+    assert float(tracker.states[""].freq.max()) == 0.0
+
+
 def test_tracker_leaves_layers_without_a_forward_untouched():
     model = nn.Sequential(QuantLinear(2, 2, bias=False, weight_bits=4), QuantLinear(2, 2, bias=False, weight_bits=4))
     tracker = OscillationTracker(model, momentum=0.5)
