@@ -12,7 +12,7 @@ rounds so machine noise hits all of them alike:
   * ``loop_x2``:  the plain loop split over 2 processes (1 thread each), started together: the speed-up
                  this machine itself gives 2 concurrent 1-thread trainings (the ceiling for tune_c2);
   * ``tune_c1_reuse`` (only with ``--with-reuse``): ``tune_c1`` with ``TuneConfig(reuse_actors=True)``
-                 patched in (the runner leaves Tune's default, False), to size that possible fix.
+                 forced; since 2026-11-27 the runner sets it itself, so this now equals ``tune_c1``.
 
 Ratios: ``tune_c1 / loop`` (search overhead; target <= 1.10 for trials of >= 30 s each) and
 ``tune_c1 / tune_c2`` (speed-up of 2 concurrent 1-CPU trials; target >= 1.7). Ray is started once
@@ -278,7 +278,8 @@ def main() -> None:
     ap.add_argument("--fp-epochs", type=int, default=3, help="epochs of the FP checkpoint made up front")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials x 2 epochs, 1 round")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, stores)")
-    ap.add_argument("--with-reuse", action="store_true", help="also run tune_c1 with reuse_actors=True")
+    ap.add_argument("--with-reuse", action="store_true",
+                    help="also run tune_c1 with reuse_actors=True forced (the runner sets it itself since 2026-11-27)")
     args = ap.parse_args()
     if args.quick:
         args.trials, args.epochs, args.rounds, args.fp_epochs = 2, 2, 1, 1

@@ -103,6 +103,10 @@ class Campaign(_Strict):
     fp_pretrain: FPPretrain = Field(default_factory=FPPretrain)
     max_failures: int = Field(default=2, ge=0, le=100)
     checkpoints_to_keep: int = Field(default=2, gt=0, le=100)
+    # A trial checkpoints at its last epoch and otherwise at most this often. Tune snapshots the
+    # whole experiment (searcher included) every `checkpoints_to_keep` trial checkpoints, which
+    # for second-long epochs cost more than the training; 0 = every epoch.
+    checkpoint_interval_s: float = Field(default=10.0, ge=0, le=86_400)
 
     @field_validator("name")
     @classmethod

@@ -168,7 +168,8 @@ def _trainable(campaign: Campaign, base_config: dict, fp_state: dict):
 
     from search.trainable import train_trial
 
-    fn = tune.with_parameters(train_trial, base_config={**base_config, "pretrained": None}, fp_state=fp_state)
+    fn = tune.with_parameters(train_trial, base_config={**base_config, "pretrained": None}, fp_state=fp_state,
+                              checkpoint_interval_s=campaign.checkpoint_interval_s)
     return tune.with_resources(fn, {"cpu": campaign.resources.cpu, "gpu": campaign.resources.gpu})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -37,7 +38,13 @@ def _set_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None) -> None:
+def checkpoint_due(now: float, last: float, interval_s: float, final: bool) -> bool:
+    """Checkpoint at the last epoch, and otherwise once ``interval_s`` has passed (0: always)."""
+    return final or interval_s <= 0 or now - last >= interval_s
+
+
+def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None,
+                checkpoint_interval_s: float = 0.0) -> None:
     """One trial: ``base_config`` (campaign base + target) updated with the sampled ``params``."""
     _set_threads()
     cfg = TrainConfig.model_validate({**base_config, **params, "pretrained": None})
@@ -48,6 +55,7 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
             trainer.load_state_dict(state)
+    last_checkpoint = time.monotonic()
     while not trainer.done:
         _maybe_inject_fault(fault, trainer.epoch + 1, checkpoint is not None, cfg, trainer, before=True)
         try:
@@ -62,12 +70,16 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
         # A JSON string, not a dict: Tune keeps running statistics for every numeric leaf of a
         # result in the driver, which for per-layer values grew the driver by ~100 KB a trial.
         layer_osc = json.dumps({name: round(v["osc_frac"], 6) for name, v in trainer.layer_history[-1].items()})
+        result = {**metrics, "max_epochs": cfg.epochs, "layer_osc": layer_osc,
+                  "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it (tests, debugging)
+        if not checkpoint_due(time.monotonic(), last_checkpoint, checkpoint_interval_s, trainer.done):
+            tune.report(result)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             trainer.save(Path(tmp) / CHECKPOINT_FILE)
             (Path(tmp) / "metrics.json").write_text(json.dumps(trainer.history))
-            tune.report({**metrics, "max_epochs": cfg.epochs, "layer_osc": layer_osc,
-                         "node_id": ray.get_runtime_context().get_node_id()},  # which node ran it (tests, debugging)
-                        checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+        last_checkpoint = time.monotonic()
 
 
 def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool, cfg: TrainConfig | None = None,

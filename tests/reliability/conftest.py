@@ -131,6 +131,7 @@ def fault_campaign(tmp_path_factory) -> CampaignRun:
         "budget": {"num_samples": 4, "max_epochs": MAX_EPOCHS, "grace_period": MAX_EPOCHS},  # ASHA never stops
         "resources": {"cpu": 1},
         "checkpoints_to_keep": CHECKPOINTS_TO_KEEP,
+        "checkpoint_interval_s": 0,  # every epoch: retries restore from the latest one
         "max_failures": 2,
         "mlflow": {"tracking_uri": f"http://oscqat-user:{TRACKING_SECRET}@127.0.0.1:{server.port}"},
         "optuna_storage": "sqlite:///optuna.db",

@@ -64,6 +64,7 @@ def campaign_dict(name: str, space: Path, *, bits=("w4a4",), num_samples: int = 
         "name": name, "dataset": "digits", "space": str(space), "targets": targets, "base": dict(TINY_BASE),
         "budget": {"num_samples": num_samples, "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
         "resources": {"cpu": 1, "gpu": 0}, "fp_pretrain": {"epochs": 1}, "seed": 0,
+        "checkpoint_interval_s": 0,  # a checkpoint every epoch: the restart tests resume mid-trial
     }
     data.update(extra)
     return data
