@@ -1,15 +1,16 @@
 """Benchmark: does the search driver scale to 1,000 trials? (Optuna suggest latency, MLflow cost, memory.)
 
 A 1,000-trial campaign of a *trivial* trainable (3 instant "epochs" of random metrics with the names
-the MLflow callback logs, a per-layer oscillation dict and a tiny checkpoint, like the real
-trainable reports) goes through the project's real driver: ``search.runner.run_campaign`` with the
+the MLflow callback logs, a per-layer oscillation JSON string and a tiny checkpoint at the last
+epoch, like the real trainable reports for short epochs) goes through the project's real driver: ``search.runner.run_campaign`` with the
 ``demo_net``/``w3a3`` define-by-run space, ``search.searcher.build_searcher`` (seeded multivariate,
-grouped, constant-liar TPE; paper points enqueued first; sqlite Optuna storage), ASHA on epochs, and
+grouped, constant-liar TPE; paper points enqueued first; Optuna storage from make_storage: sqlite in
+WAL mode, or ``--optuna-storage journal``), ASHA on epochs, and
 the real ``MlflowTrialCallback`` under a parent run (sqlite MLflow store). Only the trainable is
-swapped (``search.runner._trainable``); every store lives in a temporary directory. By default the
-Tuner also gets ``reuse_actors=True`` (``--no-reuse-actors`` to leave Tune's default, as the runner
-does): on this 2-core machine, starting a worker process per trivial trial otherwise starves the
-driver of CPU and the driver's own costs cannot be told apart from process start-up.
+swapped (``search.runner._trainable``); every store lives in a temporary directory. The runner's
+Tuner uses ``reuse_actors=True`` (``--no-reuse-actors`` forces Tune's default): on this 2-core
+machine, starting a worker process per trivial trial otherwise starves the driver of CPU and the
+driver's own costs cannot be told apart from process start-up.
 
 Measured in the driver process:
   * Optuna suggest latency per trial (``StateAwareOptunaSearch.suggest``, incl. ask/storage) around
@@ -110,6 +111,9 @@ def make_fake_trial(metric_names: tuple[str, ...]):
             metrics.update(epoch=epoch, max_epochs=MAX_EPOCHS,
                            val_top1=max(0.0, min(1.0, quality - 0.1 / epoch + rng.gauss(0, 0.02))),
                            layer_osc=json.dumps({name: round(rng.random() * 0.05, 6) for name in LAYERS}))
+            if epoch < MAX_EPOCHS:  # as train_trial does for short epochs (checkpoint_interval_s)
+                tune.report(metrics)
+                continue
             with _tempfile.TemporaryDirectory() as tmp:
                 (_Path(tmp) / "metrics.json").write_text(_json.dumps({"epoch": epoch}))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -178,10 +182,10 @@ def instrument() -> None:
 
     def suggest(self, trial_id):
         s0 = PROBE.sampler_s
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = original_suggest(self, trial_id)
-        dt = time.perf_counter() - t0
-        PROBE.suggest.append((len(PROBE.suggest) + 1, dt, PROBE.sampler_s - s0, rss_mb()))
+        dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        PROBE.suggest.append((len(PROBE.suggest) + 1, dt, PROBE.sampler_s - s0, rss_mb(), cpu))
         if PROBE.snap_at and len(PROBE.suggest) in PROBE.snap_at:
             import tracemalloc
 
@@ -246,14 +250,14 @@ def swap_trainable() -> None:
     runner._trainable = _trainable
 
 
-def enable_actor_reuse() -> None:
-    """``TuneConfig(reuse_actors=True)`` for the runner's Tuner (the runner leaves Tune's default, False)."""
+def disable_actor_reuse() -> None:
+    """``TuneConfig(reuse_actors=False)`` (Tune's default; the runner sets True since 2026-11-27)."""
     from ray import tune
 
     original = tune.TuneConfig
 
     def TuneConfig(*args, **kwargs):  # noqa: N802 - stands in for the class
-        kwargs.setdefault("reuse_actors", True)
+        kwargs["reuse_actors"] = False
         return original(*args, **kwargs)
 
     tune.TuneConfig = TuneConfig
@@ -288,12 +292,13 @@ def run(args, work: Path) -> dict:
         "budget": {"num_samples": args.trials, "max_epochs": MAX_EPOCHS, "grace_period": 1, "reduction_factor": 2},
         "resources": {"cpu": args.cpu_per_trial, "gpu": 0}, "max_concurrent_trials": args.concurrency, "seed": 0,
         "storage_path": str(work / "ray_results"), "mlflow": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
-        "optuna_storage": f"sqlite:///{work}/optuna.db",
+        "optuna_storage": (f"journal:///{work}/optuna.journal" if args.optuna_storage == "journal"
+                           else f"sqlite:///{work}/optuna.db"),
     })
     instrument()
     swap_trainable()
-    if args.reuse_actors:
-        enable_actor_reuse()
+    if not args.reuse_actors:
+        disable_actor_reuse()
     ray_init_s = start_ray()
     say(f"ray.init(num_cpus=2): {ray_init_s:.1f} s; running {args.trials} trivial trials "
         f"({args.cpu_per_trial} CPU each, up to {args.concurrency} at once) ...")
@@ -344,12 +349,14 @@ def analyse(out: dict, trials: int) -> dict:
         lo, hi = max(1, p - half), min(trials, p + half)
         if p == trials:
             lo, hi = max(1, p - 2 * half), p
-        sel = [(dt, ds) for k, dt, ds, _ in sug if lo <= k <= hi]
-        windows[f"~{p}"] = {"trials": [lo, hi], **window_stats([dt for dt, _ in sel]),
-                            "sampler_median_ms": 1000 * statistics.median([ds for _, ds in sel]) if sel else None}
+        sel = [(dt, ds, cpu) for k, dt, ds, _, cpu in sug if lo <= k <= hi]
+        windows[f"~{p}"] = {"trials": [lo, hi], **window_stats([dt for dt, _, _ in sel]),
+                            "sampler_median_ms": 1000 * statistics.median([ds for _, ds, _ in sel]) if sel else None,
+                            # the driver thread's own CPU time: wall minus waiting for a core or I/O
+                            "cpu_median_ms": 1000 * statistics.median([c for _, _, c in sel]) if sel else None}
     rss_at = {}
     for p in points:
-        hits = [r for k, _, _, r in sug if k == p]
+        hits = [r for k, _, _, r, _ in sug if k == p]
         rss_at[str(p)] = hits[0] if hits else None
     per_trial = []
     for tid in PROBE.mlflow_order:
@@ -372,7 +379,7 @@ def analyse(out: dict, trials: int) -> dict:
         "driver_cpu_ms_per_trial": 1000 * out["driver_cpu_s"] / trials, "ray_init_s": out["ray_init_s"],
         "counts": out["counts"], "best_val_top1": out["best_val_top1"],
         "suggest": windows,
-        "suggest_total_s": sum(dt for _, dt, _, _ in sug),
+        "suggest_total_s": sum(dt for _, dt, _, _, _ in sug),
         "searcher_events_ms_median": {k: 1000 * statistics.median(v) for k, v in PROBE.searcher_events.items() if v},
         "searcher_events_total_s": {k: sum(v) for k, v in PROBE.searcher_events.items()},
         "mlflow": {
@@ -385,7 +392,8 @@ def analyse(out: dict, trials: int) -> dict:
                       "max_sampled": max((r for _, _, r in mem), default=None), "peak_vmhwm": peak_rss_mb(),
                       "end": mem[-1][2] if mem else None, "growth_100_to_last": growth},
         "memory_trace": [(round(t, 1), n, round(r, 1)) for t, n, r in mem[:: max(1, len(mem) // 400)]],
-        "suggest_trace": [(k, round(1000 * dt, 2), round(1000 * ds, 2), round(r, 1)) for k, dt, ds, r in sug],
+        "suggest_trace": [(k, round(1000 * dt, 2), round(1000 * ds, 2), round(r, 1), round(1000 * c, 2))
+                          for k, dt, ds, r, c in sug],
     }
 
 
@@ -422,29 +430,17 @@ def _time_asks(study, space, asks: int) -> dict:
     return window_stats(times)
 
 
-def sqlite_wal_storage(url: str):
-    """An RDBStorage whose SQLite connections use WAL and synchronous=NORMAL (no fsync per commit)."""
+def plain_sqlite_storage(url: str):
+    """RDBStorage with SQLite's default rollback journal: what make_storage built before 2026-11-27."""
     import optuna
-    from sqlalchemy import event
 
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=None)
-
-    @event.listens_for(storage.engine, "connect")
-    def _pragmas(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    storage.engine.dispose()  # reconnect with the pragmas
-    return storage
+    return optuna.storages.RDBStorage(url, heartbeat_interval=None)
 
 
 def explore(campaign, work: Path, asks: int) -> dict:
     """Time ``ask`` + define-by-run on copies of the finished study: sampler settings on an in-memory
     copy (the sampler's own cost), then the project's sampler on other storages (the storage's cost)."""
     import optuna
-    from optuna.storages.journal import JournalFileBackend
 
     from search.searcher import make_sampler, make_storage
     from spaces import load_space
@@ -470,10 +466,12 @@ def explore(campaign, work: Path, asks: int) -> dict:
         out["sampler_in_memory"][label] = _time_asks(optuna.load_study(study_name=f"s{i}", storage=mem, sampler=sampler),
                                                      space, asks)
     storages = {
-        "sqlite, as make_storage builds it": lambda: make_storage(f"sqlite:///{work}/explore-plain.db"),
-        "sqlite, WAL + synchronous=NORMAL": lambda: sqlite_wal_storage(f"sqlite:///{work}/explore-wal.db"),
-        "journal file (JournalFileBackend)": lambda: optuna.storages.JournalStorage(
-            JournalFileBackend(str(work / "explore-journal.log"))),
+        "sqlite, plain RDBStorage (rollback journal, before)": lambda: plain_sqlite_storage(
+            f"sqlite:///{work}/explore-plain.db"),
+        "sqlite:///, as make_storage builds it (WAL + synchronous=NORMAL)": lambda: make_storage(
+            f"sqlite:///{work}/explore-wal.db"),
+        "journal:///, as make_storage builds it (JournalFileBackend)": lambda: make_storage(
+            f"journal:///{work}/explore.journal"),
         "in-memory": optuna.storages.InMemoryStorage,
     }
     for label, make in storages.items():
@@ -492,7 +490,9 @@ def main() -> None:
     ap.add_argument("--cpu-per-trial", type=float, default=0.1)
     ap.add_argument("--concurrency", type=int, default=20, help="max_concurrent_trials (2 CPUs / 0.1 = 20)")
     ap.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
-                    help="TuneConfig(reuse_actors=True): no new worker process per trial (the runner does not set it)")
+                    help="TuneConfig(reuse_actors=...): the runner sets True; --no-reuse-actors gives Tune's default")
+    ap.add_argument("--optuna-storage", choices=("sqlite", "journal"), default="sqlite",
+                    help="the campaign's optuna_storage: sqlite:/// (default) or journal:///")
     ap.add_argument("--explore", action="store_true", help="afterwards, time ask() with other sampler settings")
     ap.add_argument("--explore-asks", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="~100 trials")
@@ -563,11 +563,14 @@ def report(res: dict, args) -> None:
           f"{s['nproc']} CPUs ({s['cpu_model']}); load avg start {s['load_avg_start']} end {s['load_avg_end']}")
     print(f"wall {res['wall_s']:.0f} s ({res['trials_per_s']:.2f} trials/s), driver CPU {res['driver_cpu_s']:.0f} s "
           f"({res['driver_cpu_ms_per_trial']:.0f} ms/trial); trial states {res['counts']}")
-    print(f"\n{'Optuna suggest (per trial)':<28}{'trials':>12}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'TPE ms':>9}")
+    print(f"\n{'Optuna suggest (per trial)':<28}{'trials':>12}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'TPE ms':>9}"
+          f"{'CPU ms':>9}")
     for key, w in res["suggest"].items():
         if w.get("n"):
             print(f"{'at ' + key:<28}{'%d-%d' % tuple(w['trials']):>12}{w['median_ms']:>11.1f}{w['p90_ms']:>9.1f}"
-                  f"{w['max_ms']:>9.1f}{w['sampler_median_ms']:>9.1f}")
+                  f"{w['max_ms']:>9.1f}{w['sampler_median_ms']:>9.1f}{w['cpu_median_ms']:>9.1f}")
+    print("(CPU ms: the driver thread's own CPU time per suggest; the rest of the wall time it waited for a core")
+    print(" while 20 trial processes and Ray's daemons shared the 2 cores, or for I/O)")
     ev = res["searcher_events_ms_median"]
     print("searcher bookkeeping (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in ev.items()))
     m = res["mlflow"]

@@ -70,7 +70,11 @@ def dampening_loss(module: nn.Module, aggregation: str = "kernel_mean", max_bits
     fused = all(layer.last_damp is not None for layer in layers)
     if fused:  # one weighted sum over the per-layer sums instead of an op per layer
         sums = torch.stack([layer.last_damp for layer in layers])
-        coefs = torch.tensor([aggregation_weight(layer, aggregation) for layer in layers],
-                             dtype=sums.dtype, device=sums.device)
+        key = (aggregation, max_bits, sums.device, len(layers))
+        cache = module.__dict__.setdefault("_dampening_coefs", {})  # plain dict: not a buffer
+        coefs = cache.get(key)
+        if coefs is None:
+            coefs = cache[key] = torch.tensor([aggregation_weight(layer, aggregation) for layer in layers],
+                                              dtype=sums.dtype, device=sums.device)
         return torch.dot(sums, coefs)
     return torch.stack([layer_dampening_loss(layer, aggregation) for layer in layers]).sum()

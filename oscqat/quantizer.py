@@ -28,7 +28,7 @@ class _LSQFunction(torch.autograd.Function):
     ``frozen_idx``/``frozen_vals`` (optional; flat indices and their float integers) pin some
     elements: those get no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
     With ``want_damp`` the same pass also returns the dampening sum ``sum((s*x_int - clip(w))^2)``
-    over non-frozen elements (scale detached) and adds its gradient ``2*s*(v - x_int)`` in
+    over non-frozen elements (scale detached) and adds its gradient ``2*(w - s*x_int)`` in
     backward, so dampening costs a few fused element passes instead of its own autograd graph.
     """
 
@@ -42,14 +42,11 @@ class _LSQFunction(torch.autograd.Function):
         inside = resid = None
         if want_damp:
             inside = _inside(v, n, p, frozen_idx)
-            # Inside the grid clip(w) = w, and outside s*x_int = clip(w): the residual is
-            # (v - x_int) on inside elements only, in units of s.
-            resid = (v - x_int).mul_(inside)
-            s2 = scale.detach().square()
-            if scale.numel() == 1:
-                damp = torch.dot(resid.reshape(-1), resid.reshape(-1)) * s2.reshape(())
-            else:
-                damp = (resid.square() * s2).sum()
+            # Inside the grid clip(w) = w, and outside s*x_int = clip(w): the residual
+            # clip(w) - s*x_int is w - x_hat on inside elements and 0 elsewhere.
+            resid = (x - x_hat).mul_(inside)
+            flat = resid.reshape(-1)
+            damp = torch.dot(flat, flat)
         else:
             damp = x.new_zeros(())
             ctx.mark_non_differentiable(damp)
@@ -77,8 +74,8 @@ class _LSQFunction(torch.autograd.Function):
                 grad_s = (grad_out * x_int - grad_x * v).sum(dim=reduce_dims, keepdim=True)
             grad_s = grad_s * ctx.grad_scale
         if resid is not None and grad_damp is not None:
-            # d/dw sum((w - s*x_int)^2) = 2 * s * (v - x_int) on inside, non-frozen elements
-            grad_x.addcmul_(resid, scale.detach() * (2.0 * grad_damp))
+            # d/dw sum((w - s*x_int)^2) = 2 * (w - s*x_int) on inside, non-frozen elements
+            grad_x.addcmul_(resid, 2.0 * grad_damp)
         if not ctx.needs_input_grad[0]:
             grad_x = None
         return grad_x, grad_s, None, None, None, None, None, None
