@@ -153,7 +153,6 @@ class OscillationTracker:
             self._update(x, missing)
         if freeze_threshold > 0.0 and self.layers:
             self._sync_hand_frozen()
-        if freeze_threshold > 0.0 and self.layers:
             scaled = freeze_threshold / self._decay
             if float(self._freq.max()) > scaled:
                 # frozen weights have frequency 0, so every candidate is a new one
