@@ -46,6 +46,9 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_model, loadavg, say  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -54,21 +57,6 @@ TARGET_SUGGEST_S = 0.100
 TARGET_MEM_GROWTH = 0.10
 MAX_EPOCHS = 3
 LAYERS = ["stem.0", *(f"blocks.{b}.{i}" for b in range(4) for i in (0, 3)), "classifier"]  # demo_net's quant layers
-
-
-def say(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.__stdout__, flush=True)
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def rss_mb() -> float:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-from pathlib import Path
 
+from proc_utils import kill_pids, pids_using  # noqa: F401 - re-exported
 from typer.testing import CliRunner
 
 
@@ -15,29 +13,6 @@ def invoke(*args: str, env: dict | None = None):
     from oscqat_cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})})
-
-
-def pids_using(fragment: str) -> list[int]:
-    """PIDs whose command line mentions ``fragment`` (e.g. our private Ray temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def free_port() -> int:

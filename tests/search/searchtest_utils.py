@@ -26,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proc_utils import kill_pids, pids_using  # noqa: F401 - re-exported
+
 import yaml
 
 START_POINTS = {  # name -> values; "collapse" ends at ~10-20% top-1, the good ones at ~70-90% after 1 epoch
@@ -174,29 +176,6 @@ def session_pids(sid: int, alive_only: bool = False) -> list[int]:
             if not (alive_only and fields[0] in ("Z", "X")):
                 pids.append(int(entry.name))
     return pids
-
-
-def pids_using(path_fragment: str) -> list[int]:
-    """PIDs whose command line mentions ``path_fragment`` (our private Ray temp dir: our Ray processes)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if path_fragment in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def kill_session(sid: int) -> None:
