@@ -51,6 +51,9 @@ class QuantMixin:
         # touch only the frozen elements. Not saved; rebuilt by ``refresh_frozen``.
         self.register_buffer("frozen_idx", None, persistent=False)
         self.register_buffer("frozen_vals", None, persistent=False)
+        # Latent weight values at ``frozen_idx``, restored after each optimizer step so frozen
+        # weights receive no update (momentum, weight decay). Taken when a weight freezes.
+        self.register_buffer("frozen_latent", None, persistent=False)
         self._any_frozen = False
         self.fuse_dampening = False  # compute the dampening sum inside the quantizer's pass
         self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
@@ -61,9 +64,21 @@ class QuantMixin:
         self.refresh_frozen()
 
     def refresh_frozen(self) -> None:
-        """Rebuild the sparse frozen index (call after editing ``frozen_mask``/``frozen_int``)."""
+        """Rebuild the sparse frozen index (call after editing ``frozen_mask``/``frozen_int``).
+
+        The latent values to pin are the current weights at the frozen positions (after a
+        checkpoint load, the values saved with the model).
+        """
         self.frozen_idx, self.frozen_vals = frozen_index(self.frozen_mask, self.frozen_int)
         self._any_frozen = self.frozen_idx is not None
+        self.frozen_latent = (self.weight.detach().reshape(-1)[self.frozen_idx].clone()
+                              if self._any_frozen else None)
+
+    @torch.no_grad()
+    def restore_frozen_latent(self) -> None:
+        """Put the frozen weights' latent values back (undoes an optimizer step's drift)."""
+        if self._any_frozen:
+            self.weight.view(-1).index_copy_(0, self.frozen_idx, self.frozen_latent)
 
     @torch.no_grad()
     def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, ints8: torch.Tensor | None = None,
@@ -77,12 +92,14 @@ class QuantMixin:
         ints = ints.to(torch.float32)
         self.frozen_mask.view(-1)[flat_idx] = True
         self.frozen_int.view(-1)[flat_idx] = ints8 if ints8 is not None else ints.to(torch.int8)
+        latent = self.weight.detach().reshape(-1)[flat_idx]
         buffers = self._buffers  # direct writes: Module.__setattr__ costs more than the ops here
         if buffers["frozen_idx"] is None:
-            buffers["frozen_idx"], buffers["frozen_vals"] = flat_idx, ints
+            buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = flat_idx, ints, latent
         else:
             buffers["frozen_idx"] = torch.cat([buffers["frozen_idx"], flat_idx])
             buffers["frozen_vals"] = torch.cat([buffers["frozen_vals"], ints])
+            buffers["frozen_latent"] = torch.cat([buffers["frozen_latent"], latent])
         self.__dict__["_any_frozen"] = buffers["frozen_idx"].numel() > 0
         return flat_idx
 

@@ -16,13 +16,10 @@ from oscqat.layers import QuantMixin, quant_layers
 class _LayerState:
     """One layer's slice of the tracker's flat state, as views shaped like the weight."""
 
-    __slots__ = ("_tracker", "_slice", "_shape", "frozen_latent", "_latent_vals", "_latent_idx", "_seen_idx")
+    __slots__ = ("_tracker", "_slice", "_shape", "_layer", "_seen_idx")
 
-    def __init__(self, tracker: "OscillationTracker", sl: slice, shape: torch.Size):
-        self._tracker, self._slice, self._shape = tracker, sl, shape
-        self.frozen_latent: torch.Tensor | None = None  # latent values at freeze time (dense)
-        self._latent_vals: torch.Tensor | None = None  # frozen_latent at the layer's frozen_idx
-        self._latent_idx: torch.Tensor | None = None  # the frozen_idx those values belong to
+    def __init__(self, tracker: "OscillationTracker", sl: slice, shape: torch.Size, layer: QuantMixin):
+        self._tracker, self._slice, self._shape, self._layer = tracker, sl, shape, layer
         self._seen_idx: torch.Tensor | None = None  # the layer's frozen_idx the tracker last saw
 
     def _view(self, flat: torch.Tensor | None) -> torch.Tensor | None:
@@ -31,8 +28,10 @@ class _LayerState:
     @property
     def freq(self) -> torch.Tensor:
         """Oscillation frequency EMA (a writable view)."""
-        self._tracker._normalise()
-        return self._view(self._tracker._freq)
+        t = self._tracker
+        t._normalise()
+        t._cleared = float("inf")  # the caller may write to it: check every weight next time
+        return self._view(t._freq)
 
     @property
     def last_dir(self) -> torch.Tensor:
@@ -51,12 +50,16 @@ class _LayerState:
         t._normalise()
         return self._view(t._prev + t._ema_dev)
 
-    def latent_values(self, layer: QuantMixin) -> torch.Tensor:
-        """``frozen_latent`` at the layer's current frozen indices (cached per index tensor)."""
-        if self._latent_idx is not layer.frozen_idx:
-            self._latent_vals = self.frozen_latent.reshape(-1)[layer.frozen_idx]
-            self._latent_idx = layer.frozen_idx
-        return self._latent_vals
+    @property
+    def frozen_latent(self) -> torch.Tensor | None:
+        """Latent values the frozen weights are pinned to, dense like the weight (a copy: the
+        layer holds them sparsely, see ``QuantMixin.frozen_latent``); None when none is frozen."""
+        layer = self._layer
+        if not layer._any_frozen:
+            return None
+        dense = layer.weight.detach().clone()
+        dense.view(-1)[layer.frozen_idx] = layer.frozen_latent
+        return dense
 
 
 STATE_KEYS = ("prev_int", "last_dir", "freq", "int_ema", "frozen_latent")
@@ -105,7 +108,7 @@ class OscillationTracker:
         offset = 0
         for name, layer in self.layers.items():
             numel = layer.weight.numel()
-            self.states[name] = _LayerState(self, slice(offset, offset + numel), layer.weight.shape)
+            self.states[name] = _LayerState(self, slice(offset, offset + numel), layer.weight.shape, layer)
             offset += numel
         self.numel = offset
         self._starts = [st._slice.start for st in self.states.values()] + [offset]
@@ -117,10 +120,22 @@ class OscillationTracker:
         self._prev: torch.Tensor | None = None  # integers of the previous step
         self._ema_dev: torch.Tensor | None = None  # (integer EMA - prev) / _decay
         self._decay = 1.0
+        # Every non-frozen scaled frequency is <= _cleared (the last scaled threshold every weight
+        # was checked against), so while the scaled threshold does not drop below it, only the
+        # weights that just flipped can cross it: freezing then costs no pass over all weights.
+        self._cleared = 0.0
+        self._flipped: torch.Tensor | None = None  # flat indices that oscillated in the last update
+        self._dense_moves = True  # last update moved many integers: find them with one nonzero
+        self._spare: torch.Tensor | None = None  # the buffer the next step's integers go into
+        self._delta: torch.Tensor | None = None  # scratch for the integer change
         self.steps = 0
 
     def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
-        """All layers' latest forward integers as one flat tensor, and the layers that had none."""
+        """All layers' latest forward integers as one flat tensor, and the layers that had none.
+
+        The flat tensor is one of two buffers kept across steps (the other holds ``_prev``):
+        a fresh multi-megabyte tensor per step costs page faults that outweigh the copy.
+        """
         parts, missing = [], []
         for name, layer in self.layers.items():
             x_int = layer.last_weight_int
@@ -133,12 +148,15 @@ class OscillationTracker:
             parts.append(x_int.reshape(-1))
         if len(missing) == len(self.layers):
             return None, missing
-        flat = torch.cat(parts)
-        if flat.device != self._freq.device:  # the model moved after the tracker was built
-            self._freq, self._last_dir = self._freq.to(flat.device), self._last_dir.to(flat.device)
+        device = parts[0].device
+        if self._freq.device != device:  # the model moved after the tracker was built
+            self._freq, self._last_dir = self._freq.to(device), self._last_dir.to(device)
             if self._prev is not None:
-                self._prev, self._ema_dev = self._prev.to(flat.device), self._ema_dev.to(flat.device)
-        return flat, missing
+                self._prev, self._ema_dev = self._prev.to(device), self._ema_dev.to(device)
+            self._spare = self._delta = None
+        if self._spare is None or self._spare is self._prev:
+            self._spare = torch.empty(self.numel, device=device)
+        return torch.cat(parts, out=self._spare), missing
 
     @torch.no_grad()
     def step(self, freeze_threshold: float = 0.0) -> None:
@@ -148,22 +166,53 @@ class OscillationTracker:
         is left as it is. Also pins the latent value of frozen weights, undoing any weight-decay
         or momentum drift from the optimizer step just taken.
         """
+        self._flipped = None
         x, missing = self._gather_ints() if self.layers else (None, [])
         if x is not None:
             self._update(x, missing)
         if freeze_threshold > 0.0 and self.layers:
             self._sync_hand_frozen()
             scaled = freeze_threshold / self._decay
-            if float(self._freq.max()) > scaled:
+            if scaled >= self._cleared:  # only weights that just flipped can have crossed it
+                new = self._flipped
+                if new is not None and new.numel():
+                    new = new[self._freq[new] > scaled]
+            elif float(self._freq.max()) > scaled:
+                new = torch.nonzero(self._freq > scaled).squeeze(1)
+            else:
+                new = None
+            if new is not None and new.numel():
                 # frozen weights have frequency 0, so every candidate is a new one
-                self._freeze(torch.nonzero(self._freq > scaled).squeeze(1))
-        for name, layer in self.layers.items():
+                self._freeze(new)
+            self._cleared = scaled
+        else:
+            self._cleared = float("inf")  # frequencies rise unchecked: check all at the next freeze
+        for layer in self.layers.values():
             if layer._any_frozen:
-                st = self.states[name]
-                if st.frozen_latent is not None:
-                    layer.weight.data.view(-1).index_copy_(0, layer.frozen_idx, st.latent_values(layer))
+                layer.restore_frozen_latent()
             layer.__dict__["last_weight_int"] = None  # consumed: a forward must run before the next update
         self.steps += 1
+
+    def _moved(self, delta: torch.Tensor) -> torch.Tensor:
+        """Sorted flat indices where ``delta != 0``.
+
+        Usually about 0.1% of the integers move per step; a full ``nonzero`` then costs several
+        times more than finding the 64-element blocks that hold a move and searching only those.
+        The block search is used while the moves stay sparse.
+        """
+        if self._dense_moves or delta.numel() < 1 << 16:
+            moved = torch.nonzero(delta).squeeze(1)
+        else:
+            block = 64
+            cut = delta.numel() // block * block
+            blocks = delta[:cut].view(-1, block)
+            # the 2-norm is the fastest row reduction here (aminmax or abs().amax() cost 2-10x)
+            hit = torch.nonzero(torch.linalg.vector_norm(blocks, dim=1)).squeeze(1)
+            local = torch.nonzero(blocks[hit])
+            moved = torch.cat([hit[local[:, 0]] * block + local[:, 1],
+                               torch.nonzero(delta[cut:]).squeeze(1) + cut])
+        self._dense_moves = moved.numel() * 256 > delta.numel()
+        return moved
 
     def _update(self, x: torch.Tensor, missing: list[str]) -> None:
         if self._prev is None:
@@ -173,8 +222,10 @@ class OscillationTracker:
         kept = {name: (self.states[name]._slice, self._freq[self.states[name]._slice].clone(),
                        self._last_dir[self.states[name]._slice].clone(),
                        self._ema_dev[self.states[name]._slice].clone()) for name in missing}
-        delta = torch.sub(x, self._prev)
-        moved = torch.nonzero(delta).squeeze(1)
+        if self._delta is None or self._delta.device != x.device:
+            self._delta = torch.empty_like(x)
+        delta = torch.sub(x, self._prev, out=self._delta)
+        moved = self._moved(delta)
         old_decay = self._decay
         self._decay *= 1.0 - m
         if moved.numel():
@@ -183,14 +234,17 @@ class OscillationTracker:
             flipped = moved[direction * self._last_dir[moved] < 0]
             # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1
             self._freq[flipped] += m / self._decay
+            self._flipped = flipped
             self._last_dir[moved] = direction
             # x_ema_t - x_t = (1-m) (x_ema_{t-1} - x_{t-1} - delta)  <=>  _ema_dev -= delta / decay_{t-1}
             self._ema_dev[moved] -= step / old_decay
-        self._prev = x
+        self._prev, self._spare = x, self._prev
         for sl, freq, last_dir, ema_dev in kept.values():  # a layer without a forward keeps its state
             self._freq[sl] = freq * (old_decay / self._decay)
             self._last_dir[sl] = last_dir
             self._ema_dev[sl] = ema_dev * (old_decay / self._decay)
+        if kept:
+            self._cleared = float("inf")  # their scaled frequencies rose
         if self._decay < 1e-4:  # keep the scaled values well inside float32's range
             self._normalise()
 
@@ -200,6 +254,7 @@ class OscillationTracker:
             self._freq.mul_(self._decay)
             if self._ema_dev is not None:
                 self._ema_dev.mul_(self._decay)
+            self._cleared *= self._decay
             self._decay = 1.0
 
     def _freeze(self, new_idx: torch.Tensor) -> None:
@@ -214,7 +269,12 @@ class OscillationTracker:
         targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
         if bounds[0] is not None:
             targets.clamp_(*bounds[0])
-        cuts = torch.searchsorted(new_idx, self._starts_on(new_idx.device)).tolist()
+        starts = self._starts_on(new_idx.device)
+        cuts = torch.searchsorted(new_idx, starts)
+        counts = cuts.diff()
+        # each index relative to its layer's start, for all layers in one op
+        local_all = new_idx - torch.repeat_interleave(starts[:-1], counts)
+        cuts = cuts.tolist()
         # Frozen from the next forward on, the integer never moves again: frequency 0, and the
         # history restarts at the pinned value, so the jump to it is no oscillation.
         self._freq[new_idx] = 0.0
@@ -227,19 +287,8 @@ class OscillationTracker:
             ints = targets[a:b]
             if bounds[0] is None:
                 ints.clamp_(*bounds[1][i])
-            local = new_idx[a:b] - self._starts[i]
-            old_idx = layer.frozen_idx
-            layer.freeze_weights(local, ints, ints8[a:b] if bounds[0] is not None else None, check=False)
-            st = self.states[name]
-            st._seen_idx = layer.frozen_idx
-            latent = layer.weight.detach().reshape(-1)[local]
-            if st.frozen_latent is None:
-                st.frozen_latent = layer.weight.detach().clone()
-            else:
-                st.frozen_latent.view(-1)[local] = latent
-            if st._latent_idx is not None and st._latent_idx is old_idx:  # extend the cache in order
-                st._latent_vals = torch.cat([st._latent_vals, latent])
-                st._latent_idx = layer.frozen_idx
+            layer.freeze_weights(local_all[a:b], ints, ints8[a:b] if bounds[0] is not None else None, check=False)
+            self.states[name]._seen_idx = layer.frozen_idx
         self._prev[new_idx] = targets
         self._ema_dev[new_idx] -= (targets - old_prev) / self._decay  # the EMA itself is unchanged
 
@@ -325,6 +374,7 @@ class OscillationTracker:
         saved = {name: state["layers"][name] for name in self.states}
         has_prev = [entry.get("prev_int") is not None for entry in saved.values()]
         self._decay = 1.0
+        self._cleared = float("inf")
         if any(has_prev):
             self._prev = torch.cat([layer.weight_int().reshape(-1) for layer in self.layers.values()])
             self._ema_dev = torch.zeros_like(self._prev)
@@ -340,6 +390,6 @@ class OscillationTracker:
                 if entry.get("int_ema") is not None:
                     self._ema_dev[st._slice] = (entry["int_ema"].to(device) - st.prev_int).reshape(-1)
             latent = entry.get("frozen_latent")
-            st.frozen_latent = latent.to(device) if latent is not None else None
-            st._latent_idx = st._latent_vals = None
+            if latent is not None and layer._any_frozen:
+                layer.frozen_latent = latent.to(device).reshape(-1)[layer.frozen_idx].clone()
             st.freq.masked_fill_(layer.frozen_mask, 0.0)  # no-op for this version's states

@@ -27,39 +27,50 @@ class _LSQFunction(torch.autograd.Function):
 
     ``frozen_idx``/``frozen_vals`` (optional; flat indices and their float integers) pin some
     elements: those get no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
-    With ``want_damp`` the same pass also returns the dampening sum ``sum((s*x_int - clip(w))^2)``
+    With ``want_damp`` the same pass also returns the dampening sum ``sum((clip(w) - s*x_int)^2)``
     over non-frozen elements (scale detached) and adds its gradient ``2*(w - s*x_int)`` in
-    backward, so dampening costs a few fused element passes instead of its own autograd graph.
+    backward, so dampening costs two element passes instead of its own autograd graph.
+
+    The input is clamped to the grid in grid units before rounding (the same integers as
+    rounding first, since the bounds are integers); the clamped value gives the STE mask in one
+    comparison, saved for backward, and the dampening residual ``clip(v) - x_int``, which is
+    0 outside the grid by construction.
     """
 
     @staticmethod
     def forward(ctx, x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp):
         v = x / scale
-        x_int = torch.round(v).clamp_(n, p)
+        v_clip = v.clamp(n, p)
+        inside = v_clip == v  # the straight-through mask: n <= v <= p
+        x_int = torch.round(v_clip)
         if frozen_idx is not None:
             x_int.view(-1).index_copy_(0, frozen_idx, frozen_vals)
+            inside.view(-1).index_fill_(0, frozen_idx, False)
         x_hat = x_int * scale
-        inside = resid = None
+        resid = None
         if want_damp:
-            inside = _inside(v, n, p, frozen_idx)
-            # Inside the grid clip(w) = w, and outside s*x_int = clip(w): the residual
-            # clip(w) - s*x_int is w - x_hat on inside elements and 0 elsewhere.
-            resid = (x - x_hat).mul_(inside)
-            flat = resid.reshape(-1)
-            damp = torch.dot(flat, flat)
+            # clip(w) - s*x_int = s*(clip(v) - x_int): 0 outside the grid, masked where frozen.
+            resid = v_clip.sub_(x_int)
+            if frozen_idx is not None:
+                resid.view(-1).index_fill_(0, frozen_idx, 0.0)
+            s = scale.detach()
+            if s.numel() == 1:
+                flat = resid.reshape(-1)
+                damp = torch.dot(flat, flat) * (s * s).reshape(())
+            else:
+                dims = [d for d in range(v.dim()) if s.shape[d] == 1]
+                damp = (resid * resid).sum(dim=dims).reshape(-1).dot((s * s).reshape(-1))
         else:
             damp = x.new_zeros(())
             ctx.mark_non_differentiable(damp)
-        ctx.save_for_backward(v, x_int, scale, frozen_idx, inside, resid)
+        ctx.save_for_backward(v, x_int, scale, inside, resid)
         ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
         ctx.mark_non_differentiable(x_int)
         return x_hat, x_int, damp
 
     @staticmethod
     def backward(ctx, grad_out, _grad_int, grad_damp):
-        v, x_int, scale, frozen_idx, inside, resid = ctx.saved_tensors
-        if inside is None:
-            inside = _inside(v, ctx.n, ctx.p, frozen_idx)
+        v, x_int, scale, inside, resid = ctx.saved_tensors
         grad_x = grad_out * inside  # also needed for the scale gradient below
         grad_s = None
         if ctx.needs_input_grad[1]:
@@ -74,19 +85,11 @@ class _LSQFunction(torch.autograd.Function):
                 grad_s = (grad_out * x_int - grad_x * v).sum(dim=reduce_dims, keepdim=True)
             grad_s = grad_s * ctx.grad_scale
         if resid is not None and grad_damp is not None:
-            # d/dw sum((w - s*x_int)^2) = 2 * (w - s*x_int) on inside, non-frozen elements
-            grad_x.addcmul_(resid, 2.0 * grad_damp)
+            # d/dw sum((w - s*x_int)^2) = 2*s*(v - x_int) on inside, non-frozen elements
+            grad_x.addcmul_(resid, scale.detach() * (2.0 * grad_damp))
         if not ctx.needs_input_grad[0]:
             grad_x = None
         return grad_x, grad_s, None, None, None, None, None, None
-
-
-def _inside(v: torch.Tensor, n: int, p: int, frozen_idx: torch.Tensor | None) -> torch.Tensor:
-    """Where the straight-through estimator passes the gradient: ``n <= v <= p``, not frozen."""
-    inside = (v >= n) & (v <= p)
-    if frozen_idx is not None:
-        inside.view(-1).index_fill_(0, frozen_idx, False)
-    return inside
 
 
 def frozen_index(frozen: torch.Tensor | None, frozen_int: torch.Tensor | None):

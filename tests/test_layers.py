@@ -219,3 +219,25 @@ def test_state_dict_restores_frozen_state():
     b.load_state_dict(a.state_dict())
     assert b._any_frozen
     assert torch.equal(b.weight_int(), a.weight_int())
+
+
+def test_frozen_latent_is_taken_at_freeze_time_and_restored():
+    layer = QuantLinear(6, 3, weight_bits=3)
+    layer.weight_int()
+    w0 = layer.weight.detach().clone()
+    layer.freeze_weights(torch.tensor([4, 1]), torch.tensor([2.0, -1.0]))
+    layer.freeze_weights(torch.tensor([1, 7]), torch.tensor([0.0, 3.0]))  # 1 is frozen already: skipped
+    assert layer.frozen_idx.tolist() == [4, 1, 7]
+    assert layer.frozen_vals.tolist() == [2.0, -1.0, 3.0]
+    assert torch.equal(layer.frozen_latent, w0.view(-1)[[4, 1, 7]])
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an optimizer step's drift
+    layer.restore_frozen_latent()
+    flat = layer.weight.detach().view(-1)
+    assert torch.equal(flat[[4, 1, 7]], w0.view(-1)[[4, 1, 7]])
+    assert torch.equal(flat[[0, 2, 3]], w0.view(-1)[[0, 2, 3]] + 1.0)  # the others keep their update
+    # a loaded copy pins the weights it was saved with
+    other = QuantLinear(6, 3, weight_bits=3)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.frozen_latent, w0.view(-1)[[1, 4, 7]])  # rebuilt in index order
+    assert torch.equal(other.weight_int(), layer.weight_int())

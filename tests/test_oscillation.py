@@ -101,6 +101,29 @@ def test_freezing_does_not_count_the_jump_to_the_pinned_integer():
     assert state.freq.item() == 0.0 and state.last_dir.item() == 0
 
 
+class _DenseReference:
+    """METHOD.md's tracking formulas, dense and literal, for one weight tensor."""
+
+    def __init__(self, shape, m):
+        self.m, self.f, self.d, self.ema, self.prev = m, torch.zeros(shape), torch.zeros(shape), None, None
+
+    def step(self, ints):
+        if self.prev is None:
+            self.prev, self.ema = ints.clone(), ints.clone()
+            return
+        direction = torch.sign(ints - self.prev)
+        osc = (direction != 0) & (direction == -self.d)
+        self.d = torch.where(direction != 0, direction, self.d)
+        self.f = self.m * osc.float() + (1 - self.m) * self.f
+        self.ema = self.m * ints + (1 - self.m) * self.ema
+        self.prev = ints.clone()
+
+    def check(self, st):
+        torch.testing.assert_close(st.freq, self.f, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.int_ema, self.ema, rtol=1e-5, atol=1e-5)
+        assert torch.equal(st.last_dir, self.d)
+
+
 def test_tracker_matches_a_dense_reference_over_a_long_random_walk():
     """The scaled sparse update (and its periodic renormalisation) equals METHOD.md's dense EMAs."""
     torch.manual_seed(0)
@@ -109,29 +132,83 @@ def test_tracker_matches_a_dense_reference_over_a_long_random_walk():
     tracker = OscillationTracker(model, momentum=m)
     shapes = [model[0].weight.shape, model[1].weight.shape]
     ints = [torch.zeros(sh) for sh in shapes]
-    ref = [dict(f=torch.zeros(sh), d=torch.zeros(sh), ema=None, prev=None) for sh in shapes]
+    ref = [_DenseReference(sh, m) for sh in shapes]
     for step in range(80):
         for i, layer in enumerate(model):
             ints[i] = (ints[i] + torch.randint(-1, 2, shapes[i]) * (torch.rand(shapes[i]) < 0.3)).clamp(-4, 3)
             layer.last_weight_int = ints[i].clone()
-            r = ref[i]
-            if r["prev"] is None:
-                r["prev"], r["ema"] = ints[i].clone(), ints[i].clone()
-                continue
-            direction = torch.sign(ints[i] - r["prev"])
-            osc = (direction != 0) & (direction == -r["d"])
-            r["d"] = torch.where(direction != 0, direction, r["d"])
-            r["f"] = m * osc.float() + (1 - m) * r["f"]
-            r["ema"] = m * ints[i] + (1 - m) * r["ema"]
-            r["prev"] = ints[i].clone()
+            ref[i].step(ints[i])
         tracker.step()
         if step % 7 == 0 or step == 79:
             for name, r in zip(("0", "1"), ref):
-                st = tracker.states[name]
-                torch.testing.assert_close(st.freq, r["f"], rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(st.int_ema, r["ema"], rtol=1e-5, atol=1e-5)
-                assert torch.equal(st.last_dir, r["d"])
+                r.check(tracker.states[name])
     assert tracker.states["0"].freq.max() > 0.2  # the walk did oscillate
+
+
+def test_sparse_move_search_matches_the_dense_reference():
+    """Large layers with few moves take the block search for moved integers; it must find every
+    move, in the tail past the last full block and at block edges too."""
+    torch.manual_seed(1)
+    model = nn.Sequential(QuantLinear(300, 257, bias=False, weight_bits=4), QuantLinear(7, 3, bias=False, weight_bits=4))
+    numel = sum(layer.weight.numel() for layer in model)
+    assert numel >= 1 << 16 and numel % 64  # big enough for the block search, with a tail
+    m = 0.2
+    tracker = OscillationTracker(model, momentum=m)
+    shapes = [layer.weight.shape for layer in model]
+    ints = [torch.zeros(sh) for sh in shapes]
+    ref = [_DenseReference(sh, m) for sh in shapes]
+    edges = torch.tensor([0, 63, 64, 127, 128, 77099])  # block edges and the big layer's last weight
+    used_block_search = False
+    for step in range(30):
+        for i, layer in enumerate(model):
+            moves = torch.randint(-1, 2, shapes[i]) * (torch.rand(shapes[i]) < 0.002)
+            if i == 0 and step % 3 == 1:  # flip a fixed set back and forth: oscillations there
+                moves.view(-1)[edges] = 1.0 if step % 6 == 1 else -1.0
+            if i == 1:
+                moves = torch.randint(-1, 2, shapes[i]).float()  # the tail: every weight moves
+            ints[i] = (ints[i] + moves).clamp(-8, 7)
+            layer.last_weight_int = ints[i].clone()
+            ref[i].step(ints[i])
+        used_block_search |= not tracker._dense_moves
+        tracker.step()
+        for name, r in zip(("0", "1"), ref):
+            r.check(tracker.states[name])
+    assert used_block_search, "the moves were never sparse enough to test the block search"
+    assert float(tracker.states["0"].freq.view(-1)[edges].min()) > 0.2
+
+
+def test_freezing_checks_only_flipped_weights_yet_matches_a_full_check():
+    """While the threshold does not fall faster than the EMA decays, only weights that just
+    oscillated can cross it; when it falls, every weight is checked. Both must freeze exactly
+    what a full check every step freezes."""
+
+    class FullCheckTracker(OscillationTracker):
+        def step(self, freeze_threshold=0.0):
+            self._cleared = float("inf")
+            super().step(freeze_threshold)
+
+    def run(cls):
+        torch.manual_seed(2)
+        layer = QuantLinear(40, 30, bias=False, weight_bits=4)
+        tracker = cls(layer, momentum=0.1)
+        ints = torch.zeros(layer.weight.shape)
+        frozen_per_step = []
+        for step in range(60):
+            ints = (ints + torch.randint(-1, 2, ints.shape) * (torch.rand(ints.shape) < 0.4)).clamp(-8, 7)
+            layer.last_weight_int = ints.clone()
+            # off, then falling slowly (flipped weights only), sharply (a full check), then flat
+            threshold = 0.0 if step < 10 else 0.4 - 0.001 * step if step < 30 else 0.25 if step < 40 else 0.18
+            tracker.step(freeze_threshold=threshold)
+            frozen_per_step.append(layer.frozen_mask.clone())
+        return frozen_per_step, layer.frozen_int.clone()
+
+    fast, fast_int = run(OscillationTracker)
+    full, full_int = run(FullCheckTracker)
+    counts = [int(f.sum()) for f in fast]
+    assert counts[20] > 0 and counts[35] > counts[29] and counts[-1] > counts[39], counts
+    for a, b in zip(fast, full):
+        assert torch.equal(a, b)
+    assert torch.equal(fast_int, full_int)
 
 
 def test_hand_frozen_weights_are_not_frozen_again():
