@@ -14,7 +14,7 @@ from pathlib import Path
 
 from search.campaign import Campaign, Target, load_campaign
 from search.runner import CAMPAIGN_FILE, locate_campaign, read_state
-from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR, make_storage, redact
+from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR, make_storage, redact, storage_exists
 from search.tracking import TAG, client_for
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -144,6 +144,8 @@ class CampaignStore:
         """The target's Optuna study, or None when the storage has no such study."""
         import optuna
 
+        if not storage_exists(self.optuna_storage):  # read-only: never create the database
+            return None
         try:
             return optuna.load_study(study_name=self.campaign.study_name(target),
                                      storage=make_storage(self.optuna_storage))

@@ -250,8 +250,10 @@ def target_result(campaign: Campaign, target: Target) -> TargetResult:
     """Best COMPLETE trial of the target's study, and trial counts by state."""
     import optuna
 
-    from search.searcher import TRIAL_ID_ATTR, make_storage
+    from search.searcher import TRIAL_ID_ATTR, make_storage, storage_exists
 
+    if not storage_exists(campaign.optuna_storage):  # read-only: never create the database
+        return TargetResult(target.label, None, None, None, {}, {})
     try:
         study = optuna.load_study(study_name=campaign.study_name(target), storage=make_storage(campaign.optuna_storage))
     except KeyError:

@@ -49,6 +49,15 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url, heartbeat_interval=None)
 
 
+def storage_exists(url: str) -> bool:
+    """False only for a file storage (``sqlite:///``, ``journal:///``) whose file is missing, so
+    read-only commands can say "no trials yet" instead of creating an empty database."""
+    for prefix in ("sqlite:///", "journal:///"):
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix)).expanduser().is_file()
+    return True
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

@@ -77,15 +77,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+# import name -> distributions that provide it, first found wins (mlflow-skinny provides `mlflow`
+# without the server and UI, as on slim GPU images)
+_DISTRIBUTIONS = {"oscqat": ("oscqat",), "torch": ("torch",), "torchvision": ("torchvision",), "timm": ("timm",),
+                  "ray": ("ray",), "optuna": ("optuna",), "mlflow": ("mlflow", "mlflow-skinny")}
+
+
 def library_versions() -> dict[str, str]:
+    """Installed version per library, logged with every campaign (``missing`` when absent)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("oscqat", "torch", "torchvision", "timm", "ray", "optuna", "mlflow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "missing"
+    for name, dists in _DISTRIBUTIONS.items():
+        out[name] = "missing"
+        for dist in dists:
+            try:
+                found = version(dist)
+            except PackageNotFoundError:
+                continue
+            out[name] = found if dist == name else f"{found} ({dist})"
+            break
     return out
 
 

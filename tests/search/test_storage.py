@@ -60,3 +60,18 @@ def test_relative_store_paths_are_pinned_to_the_launch_directory(tmp_path, monke
                             ("postgresql://u@h/db", "postgresql://u@h/db")):
         campaign = _absolute_stores(Campaign.model_validate({**base, "optuna_storage": given}))
         assert campaign.optuna_storage == expected
+
+
+def test_read_only_lookups_never_create_the_database(tmp_path):
+    """`search status` / reports on a campaign whose Optuna file is gone: no trials, no new file."""
+    from search.runner import target_result
+    from search.searcher import storage_exists
+
+    for url in (f"sqlite:///{tmp_path / 'optuna.db'}", f"journal:///{tmp_path / 'optuna.journal'}"):
+        campaign = Campaign.model_validate({"name": "ro", "dataset": "digits",
+                                            "targets": [{"arch": "demo_net", "bits": "w4a4"}], "optuna_storage": url})
+        assert not storage_exists(url)
+        res = target_result(campaign, campaign.targets[0])
+        assert res.best_val_top1 is None and res.counts == {}
+        assert list(tmp_path.iterdir()) == []
+    assert storage_exists("postgresql://user@host/db")  # servers are asked, not guessed
