@@ -558,7 +558,7 @@ def report(res: dict, args) -> None:
             print(f"{'at ' + key:<28}{'%d-%d' % tuple(w['trials']):>12}{w['median_ms']:>11.1f}{w['p90_ms']:>9.1f}"
                   f"{w['max_ms']:>9.1f}{w['sampler_median_ms']:>9.1f}{w['cpu_median_ms']:>9.1f}")
     print("(CPU ms: the driver thread's own CPU time per suggest; the rest of the wall time it waited for a core")
-    print(" while 20 trial processes and Ray's daemons shared the 2 cores, or for I/O)")
+    print(f" while up to {res['setup']['max_concurrent_trials']} trial processes and Ray's daemons shared the cores, or for I/O)")
     ev = res["searcher_events_ms_median"]
     print("searcher bookkeeping (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in ev.items()))
     m = res["mlflow"]

@@ -4,15 +4,32 @@ LSQ fake quantization with the straight-through estimator, oscillation tracking,
 iterative weight freezing and BN re-estimation. Depends on torch/torchvision/timm only.
 """
 
-from oscqat.bn import reestimate_bn
-from oscqat.config import ConfigError, TrainConfig, parse_bits
-from oscqat.dampening import dampening_loss
-from oscqat.layers import QuantConv2d, QuantLinear, QuantMixin, quant_layers, register_quantized
-from oscqat.models import create_model, list_models
-from oscqat.oscillation import OscillationTracker
-from oscqat.quantize import QuantConfig, layer_bits, quantize_model
-from oscqat.quantizer import LSQQuantizer, grid_bounds, lsq_fake_quant
-from oscqat.trainer import METRIC_NAMES, NonFiniteLossError, Trainer
+import importlib
+
+# Public names -> defining module, imported on first use (PEP 562): ``oscqat --help`` and the
+# config-only commands then start without loading torch (about 3 s).
+_EXPORTS = {
+    "reestimate_bn": "bn", "ConfigError": "config", "TrainConfig": "config", "parse_bits": "config",
+    "dampening_loss": "dampening", "QuantConv2d": "layers", "QuantLinear": "layers", "QuantMixin": "layers",
+    "quant_layers": "layers", "register_quantized": "layers", "create_model": "models", "list_models": "models",
+    "OscillationTracker": "oscillation", "QuantConfig": "quantize", "layer_bits": "quantize",
+    "quantize_model": "quantize", "LSQQuantizer": "quantizer", "grid_bounds": "quantizer",
+    "lsq_fake_quant": "quantizer", "METRIC_NAMES": "trainer", "NonFiniteLossError": "trainer", "Trainer": "trainer",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oscqat' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"oscqat.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -113,3 +113,16 @@ def test_diverging_run_fails_cleanly(tmp_path):
     assert result.exit_code == 1, result.output
     assert "non-finite" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_cli_starts_without_torch_and_the_package_exports_resolve():
+    """``oscqat --help`` and config-only commands must not pay torch's import (~3 s); the public
+    names still resolve on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, oscqat_cli, oscqat; assert 'torch' not in sys.modules, 'torch imported at start-up'; "
+            "names = [getattr(oscqat, n) for n in oscqat.__all__]; assert 'torch' in sys.modules; "
+            "assert oscqat.Trainer.__module__ == 'oscqat.trainer'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
