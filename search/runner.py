@@ -181,6 +181,7 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
 
     from search.searcher import build_searcher, fail_orphaned_trials
     from search.tracking import MlflowTrialCallback, client_for, ensure_parent_run
+    from search.trial_memory import TrimFinishedTrials
 
     tstate = state["targets"].setdefault(target.label, {})
     exp_path = f"{campaign.ray_storage_path()}/{target.slug}"
@@ -229,7 +230,8 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
                                         # process, torch import and data set build per trial
                                         reuse_actors=True),
             run_config=tune.RunConfig(
-                name=target.slug, storage_path=campaign.ray_storage_path(), callbacks=[callback],
+                name=target.slug, storage_path=campaign.ray_storage_path(),
+                callbacks=[callback, TrimFinishedTrials()],  # the trimmer last: after MLflow read the trial
                 failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
                 verbose=1,
