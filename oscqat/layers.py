@@ -78,7 +78,8 @@ class QuantMixin:
     def restore_frozen_latent(self) -> None:
         """Put the frozen weights' latent values back (undoes an optimizer step's drift)."""
         if self._any_frozen:
-            self.weight.view(-1).index_copy_(0, self.frozen_idx, self.frozen_latent)
+            buffers = self._buffers
+            self._parameters["weight"].detach().view(-1).index_copy_(0, buffers["frozen_idx"], buffers["frozen_latent"])
 
     @torch.no_grad()
     def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, ints8: torch.Tensor | None = None,
@@ -86,14 +87,15 @@ class QuantMixin:
         """Pin the weights at ``flat_idx`` to the integers ``ints``, updating the sparse index
         in place of a full ``refresh_frozen`` pass. ``check`` skips weights already frozen (the
         tracker guarantees there are none). Returns the indices that were newly frozen."""
+        buffers = self._buffers  # direct access: Module.__getattr__/__setattr__ cost more than the ops here
         if check:
-            fresh = ~self.frozen_mask.view(-1)[flat_idx]
+            fresh = ~buffers["frozen_mask"].view(-1)[flat_idx]
             flat_idx, ints, ints8 = flat_idx[fresh], ints[fresh], None
         ints = ints.to(torch.float32)
-        self.frozen_mask.view(-1)[flat_idx] = True
-        self.frozen_int.view(-1)[flat_idx] = ints8 if ints8 is not None else ints.to(torch.int8)
-        latent = self.weight.detach().reshape(-1)[flat_idx]
-        buffers = self._buffers  # direct writes: Module.__setattr__ costs more than the ops here
+        # index_* methods: a few microseconds less per call than tensor indexing, on a hot path
+        buffers["frozen_mask"].view(-1).index_fill_(0, flat_idx, True)
+        buffers["frozen_int"].view(-1).index_copy_(0, flat_idx, ints8 if ints8 is not None else ints.to(torch.int8))
+        latent = self._parameters["weight"].detach().reshape(-1).index_select(0, flat_idx)
         if buffers["frozen_idx"] is None:
             buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = flat_idx, ints, latent
         else:
