@@ -150,8 +150,12 @@ def fault_campaign(tmp_path_factory) -> CampaignRun:
                 outage["epochs_at_stop"] = count_reported_epochs(exp_path)
                 server.stop()
                 outage["stopped_at_s"] = time.monotonic() - t0
-                # 2. trials go on: wait for more epochs to be reported while MLflow is down
-                _wait(lambda: count_reported_epochs(exp_path) >= outage["epochs_at_stop"] + 2, 150, proc)
+                # 2. trials go on: wait for more epochs to be reported while MLflow is down, and
+                # for the callback to give up on a write (its client retries for a few seconds, so
+                # with fast epochs a restart could otherwise land inside those retries)
+                stderr_path = root / "stderr.txt"
+                _wait(lambda: count_reported_epochs(exp_path) >= outage["epochs_at_stop"] + 2
+                      and "buffered" in stderr_path.read_text(errors="replace"), 150, proc)
                 outage["epochs_at_restart"] = count_reported_epochs(exp_path)
                 outage["campaign_alive_at_restart"] = proc.poll() is None
                 outage["metric_rows_while_down"] = count_mlflow_metric_rows(server.db)
