@@ -20,8 +20,13 @@ _EXPORTS = {
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'oscqat' has no attribute {name!r}")
+    if module is None:  # a submodule (``oscqat.layers`` after a plain ``import oscqat``)
+        try:
+            return importlib.import_module(f"oscqat.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"oscqat.{name}":
+                raise
+            raise AttributeError(f"module 'oscqat' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f"oscqat.{module}"), name)
     globals()[name] = value
     return value

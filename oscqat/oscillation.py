@@ -27,7 +27,8 @@ class _LayerState:
 
     @property
     def freq(self) -> torch.Tensor:
-        """Oscillation frequency EMA (a writable view)."""
+        """Oscillation frequency EMA (a writable view, valid until the next ``step``: write through
+        a fresh one, since reading it is what makes the next freeze check look at every weight)."""
         t = self._tracker
         t._normalise()
         t._cleared = float("inf")  # the caller may write to it: check every weight next time
@@ -39,6 +40,7 @@ class _LayerState:
 
     @property
     def prev_int(self) -> torch.Tensor | None:
+        """Integers of the latest update (a view into a buffer reused two steps later: clone to keep)."""
         return self._view(self._tracker._prev)
 
     @property
@@ -390,6 +392,6 @@ class OscillationTracker:
                 if entry.get("int_ema") is not None:
                     self._ema_dev[st._slice] = (entry["int_ema"].to(device) - st.prev_int).reshape(-1)
             latent = entry.get("frozen_latent")
-            if latent is not None and layer._any_frozen:
-                layer.frozen_latent = latent.to(device).reshape(-1)[layer.frozen_idx].clone()
+            if latent is not None and layer._any_frozen:  # after the model's load (which took the weights)
+                layer.frozen_latent = latent.to(layer.weight).reshape(-1)[layer.frozen_idx].clone()
             st.freq.masked_fill_(layer.frozen_mask, 0.0)  # no-op for this version's states

@@ -296,6 +296,9 @@ class Trainer:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"unsupported checkpoint version {state.get('version')!r}")
         self.model.load_state_dict(state["model"])
+        for layer in self.model.modules():  # (load_state_dict already did this; kept for subclasses that skip it)
+            if isinstance(layer, QuantMixin):
+                layer.refresh_frozen()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.quant_optimizer is not None and state["quant_optimizer"] is not None:
             self.quant_optimizer.load_state_dict(state["quant_optimizer"])
@@ -310,9 +313,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         if state.get("rng_python"):
             random.setstate((3, tuple(int(v) for v in state["rng_python"]), None))
-        for layer in self.model.modules():
-            if isinstance(layer, QuantMixin):
-                layer.refresh_frozen()
 
     def save(self, path: str | Path) -> Path:
         """Write the full training state atomically (temp file, then rename)."""

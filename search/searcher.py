@@ -52,9 +52,13 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 def storage_exists(url: str) -> bool:
     """False only for a file storage (``sqlite:///``, ``journal:///``) whose file is missing, so
     read-only commands can say "no trials yet" instead of creating an empty database."""
-    for prefix in ("sqlite:///", "journal:///"):
-        if url.startswith(prefix):
-            return Path(url.removeprefix(prefix)).expanduser().is_file()
+    if url.startswith("journal:///"):
+        return Path(url.removeprefix("journal:///")).expanduser().is_file()
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database  # drops ?timeout=... and knows sqlite+pysqlite://
+        return not database or database == ":memory:" or Path(database).expanduser().is_file()
     return True
 
 

@@ -126,3 +126,13 @@ def test_cli_starts_without_torch_and_the_package_exports_resolve():
             "assert oscqat.Trainer.__module__ == 'oscqat.trainer'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_submodules_resolve_after_a_plain_import():
+    import subprocess
+    import sys
+
+    code = ("import oscqat; assert oscqat.layers.QuantMixin is oscqat.QuantMixin; "
+            "try:\n    oscqat.no_such_thing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -75,3 +75,7 @@ def test_read_only_lookups_never_create_the_database(tmp_path):
         assert res.best_val_top1 is None and res.counts == {}
         assert list(tmp_path.iterdir()) == []
     assert storage_exists("postgresql://user@host/db")  # servers are asked, not guessed
+    (tmp_path / "optuna.db").touch()
+    assert storage_exists(f"sqlite:///{tmp_path / 'optuna.db'}?timeout=60")  # URL parameters are not the path
+    assert storage_exists(f"sqlite+pysqlite:///{tmp_path / 'optuna.db'}")
+    assert not storage_exists(f"sqlite+pysqlite:///{tmp_path / 'other.db'}")
