@@ -132,7 +132,7 @@ def test_submodules_resolve_after_a_plain_import():
     import subprocess
     import sys
 
-    code = ("import oscqat; assert oscqat.layers.QuantMixin is oscqat.QuantMixin; "
+    code = ("import oscqat\nassert oscqat.layers.QuantMixin is oscqat.QuantMixin\n"
             "try:\n    oscqat.no_such_thing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
