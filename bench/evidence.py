@@ -418,7 +418,8 @@ def main() -> None:
     start = time.perf_counter()
     res_path = DOCS / "results.json"
     res = json.loads(res_path.read_text()) if (args.only and res_path.exists()) else {}
-    res.update(machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    res.update(machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread"
+                       f"{'' if torch.get_num_threads() == 1 else 's'}",
                date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
     sections = args.only or ["toy", "oscillation", "accuracy", "search"]
     with tempfile.TemporaryDirectory(prefix="oscqat-evidence-") as tmp:
