@@ -22,7 +22,6 @@ from oscqat.bn import bn_layers, bn_state, reestimate_bn
 from oscqat.config import TrainConfig
 from oscqat.dampening import dampening_loss, enable_fused_dampening
 from oscqat.data import DataBundle, build_data
-from oscqat.layers import QuantMixin
 from oscqat.models import create_model
 from oscqat.models.registry import load_state_into, safe_torch_load
 from oscqat.oscillation import OscillationTracker
@@ -295,10 +294,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"unsupported checkpoint version {state.get('version')!r}")
-        self.model.load_state_dict(state["model"])
-        for layer in self.model.modules():  # (load_state_dict already did this; kept for subclasses that skip it)
-            if isinstance(layer, QuantMixin):
-                layer.refresh_frozen()
+        self.model.load_state_dict(state["model"])  # quantized layers rebuild their frozen index here
         self.optimizer.load_state_dict(state["optimizer"])
         if self.quant_optimizer is not None and state["quant_optimizer"] is not None:
             self.quant_optimizer.load_state_dict(state["quant_optimizer"])
