@@ -279,7 +279,9 @@ def run(args, work: Path) -> dict:
     torch.save(create_model("demo_net", num_classes=10, in_chans=1).state_dict(), fp)  # never trained on: fake trials
     campaign = Campaign.model_validate({
         "name": "driver-scale", "dataset": "digits", "targets": [{"arch": "demo_net", "bits": "w3a3", "pretrained": str(fp)}],
-        "budget": {"num_samples": args.trials, "max_epochs": MAX_EPOCHS, "grace_period": 1, "reduction_factor": 2},
+        "budget": {"num_samples": args.trials, "max_epochs": MAX_EPOCHS, "grace_period": 1, "reduction_factor": 2,
+                   "allow_early_rungs": True},
+        "confirm": None,
         "resources": {"cpu": args.cpu_per_trial, "gpu": 0}, "max_concurrent_trials": args.concurrency, "seed": 0,
         "storage_path": str(work / "ray_results"), "mlflow": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
         "optuna_storage": (f"journal:///{work}/optuna.journal" if args.optuna_storage == "journal"

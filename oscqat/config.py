@@ -34,6 +34,16 @@ def parse_bits(bits: str) -> tuple[int | None, int | None]:
     return wbits, abits
 
 
+def method_dampens(method: str) -> bool:
+    """Whether a ``method`` uses oscillation dampening (the one place that spells it)."""
+    return "dampen" in method
+
+
+def method_freezes(method: str) -> bool:
+    """Whether a ``method`` uses iterative weight freezing."""
+    return "freeze" in method
+
+
 def check_arch(name: str) -> str:
     """Validator shared by every config naming an architecture."""
     from oscqat.models import list_models
@@ -137,11 +147,11 @@ class TrainConfig(BaseModel):
 
     @property
     def dampens(self) -> bool:
-        return self.quantized and "dampen" in self.method
+        return self.quantized and method_dampens(self.method)
 
     @property
     def freezes(self) -> bool:
-        return self.quantized and "freeze" in self.method
+        return self.quantized and method_freezes(self.method)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

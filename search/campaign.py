@@ -52,7 +52,11 @@ class Target(_Strict):
 class Budget(_Strict):
     num_samples: int = Field(default=8, gt=0, le=100_000)
     max_epochs: int = Field(default=10, gt=0, le=10_000)
-    grace_period: int = Field(default=2, gt=0)
+    # "auto": ASHA's first rung comes after the latest remedy start the space can sample has been
+    # active a full epoch (search/rungs.py); an explicit value below that is refused unless
+    # allow_early_rungs is set.
+    grace_period: int | Literal["auto"] = Field(default="auto")
+    allow_early_rungs: bool = False
     reduction_factor: float = Field(default=2.0, gt=1.0, le=100.0)
     time_budget_s: float | None = Field(default=None, gt=0)
     searcher: Literal["tpe", "random"] = "tpe"  # random: a baseline for comparing search strategies
@@ -61,7 +65,9 @@ class Budget(_Strict):
 
     @model_validator(mode="after")
     def _grace(self) -> "Budget":
-        if self.grace_period > self.max_epochs:
+        if self.grace_period != "auto" and self.grace_period <= 0:
+            raise ValueError(f"grace_period must be a positive number of epochs or 'auto', got {self.grace_period}")
+        if self.grace_period != "auto" and self.grace_period > self.max_epochs:
             raise ValueError(f"grace_period ({self.grace_period}) must not exceed max_epochs ({self.max_epochs})")
         return self
 
@@ -77,6 +83,17 @@ class FPPretrain(_Strict):
     epochs: int = Field(default=10, gt=0, le=10_000)
     lr: float = Field(default=0.05, gt=0, le=10.0)
     weight_decay: float = Field(default=5e-4, ge=0, le=1.0)
+
+
+class Confirm(_Strict):
+    """After a target's search, retrain its top-k configs with fresh seeds to the full budget.
+
+    A best-of-N on one selection split is optimistic by selection bias and one seed is one draw;
+    the confirmed winner is the config with the best *mean* selection value over these seeds.
+    """
+
+    top_k: int = Field(default=3, gt=0, le=100)
+    seeds: int = Field(default=3, gt=0, le=100)
 
 
 class MlflowSettings(_Strict):
@@ -101,6 +118,7 @@ class Campaign(_Strict):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     optuna_storage: str = "sqlite:///optuna.db"
     fp_pretrain: FPPretrain = Field(default_factory=FPPretrain)
+    confirm: Confirm | None = Field(default_factory=Confirm)  # null: skip the confirm stage
     max_failures: int = Field(default=2, ge=0, le=100)
     checkpoints_to_keep: int = Field(default=2, gt=0, le=100)
     # A trial checkpoints at its last epoch and otherwise at most this often. Tune snapshots the
@@ -154,6 +172,12 @@ class Campaign(_Strict):
         if target.pretrained is not None:
             data["pretrained"] = target.pretrained
         return validate_config(TrainConfig, data, source=f"campaign {self.name!r} target {target.label}")
+
+    def confirm_seeds(self) -> list[int]:
+        """Fresh seeds for the confirm stage: never the search's own seed."""
+        if self.confirm is None:
+            return []
+        return [self.seed + 1000 + i for i in range(self.confirm.seeds)]
 
     def study_name(self, target: Target) -> str:
         return f"{self.name}.{target.slug}"

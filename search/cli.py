@@ -20,8 +20,10 @@ console = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def _results_table(results, title: str, statuses: list[str] | None = None) -> Table:
-    table = Table(title=title)
-    cols = ["target", "best val_top1", "best trial", "method", "complete", "pruned", "failed", "params"]
+    table = Table(title=title, caption="selected on val (the selection split); test = the held-out test split, "
+                                       "never selected on; ± = sample std over the confirm seeds")
+    cols = ["target", "best val_top1", "best trial", "method", "complete", "pruned", "failed", "params",
+            "confirmed trial", "confirmed val", "confirmed test"]
     for col in cols + (["status"] if statuses else []):
         table.add_column(col, no_wrap=col in ("target", "best trial"))
     for i, r in enumerate(results):
@@ -30,8 +32,25 @@ def _results_table(results, title: str, statuses: list[str] | None = None) -> Ta
         table.add_row(r.target, f"{r.best_val_top1:.4f}" if r.best_val_top1 is not None else "-",
                       r.best_trial_id or "-", r.method or "-", str(r.counts.get("COMPLETE", 0)),
                       str(r.counts.get("PRUNED", 0)), str(r.counts.get("FAIL", 0)), params or "-",
-                      *([statuses[i]] if statuses else []))
+                      *_confirmed_cells(r), *([statuses[i]] if statuses else []))
     return table
+
+
+def _confirmed_cells(r) -> list[str]:
+    """Confirmed winner: trial (and ties), mean val, test mean ± sample std over seeds."""
+    c = r.confirmed
+    if not c:
+        return ["-", "-", "-"]
+    trial = c["trial_id"] + (f" (tie: {', '.join(r.confirm_ties)})" if r.confirm_ties else "")
+    n = len(c["seeds"])
+    val = f"{c['val_top1_mean']:.4f} (n={n})"
+    if c.get("test_top1_mean") is None:
+        test = "-"
+    elif c.get("test_top1_std") is None:
+        test = f"{c['test_top1_mean']:.4f} (n=1)"
+    else:
+        test = f"{c['test_top1_mean']:.4f} ± {c['test_top1_std']:.4f}"
+    return [trial, val, test]
 
 
 def _print_next_steps(campaign) -> None:
@@ -108,6 +127,6 @@ def status(name_or_path: str = typer.Argument(..., help="campaign name, director
     except CampaignError as exc:
         raise fail(str(exc), code=1)
     state = read_state(campaign_dir)
-    results = [target_result(campaign, t) for t in campaign.targets]
+    results = [target_result(campaign, t, state["targets"].get(t.label)) for t in campaign.targets]
     statuses = [state["targets"].get(t.label, {}).get("status", "pending") for t in campaign.targets]
     console.print(_results_table(results, f"campaign {campaign.name} ({campaign_dir})", statuses))

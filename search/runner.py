@@ -35,6 +35,8 @@ class TargetResult:
     method: str | None
     params: dict
     counts: dict
+    confirmed: dict | None = None  # the confirm stage's winner (ConfirmSummary.to_dict()), if any
+    confirm_ties: list | None = None  # configs tied with the confirmed winner on mean selection value
 
 
 # state ---------------------------------------------------------------------------
@@ -83,6 +85,17 @@ def check_backends(campaign: Campaign) -> str:
     except Exception as exc:  # noqa: BLE001
         raise CampaignError(f"MLflow tracking URI {redact(campaign.mlflow.tracking_uri)!r} is unreachable or unusable: "
                             f"{exc.__class__.__name__}: {redact(str(exc)).splitlines()[0][:300]}") from None
+
+
+def _check_rungs(campaign: Campaign, spaces: dict) -> None:
+    """Refuse (ConfigError, exit 2) a grace period that would stop remedies before they act."""
+    from oscqat.config import ConfigError
+    from search.rungs import check_campaign_rungs
+
+    try:
+        check_campaign_rungs(campaign, spaces)
+    except ValueError as exc:
+        raise ConfigError(f"campaign {campaign.name!r}: invalid configuration\n  {exc}") from None
 
 
 def _resolve_spaces(campaign: Campaign) -> dict:
@@ -176,14 +189,15 @@ def _trainable(campaign: Campaign, base_config: dict, fp_state: dict):
 # one target ------------------------------------------------------------------------
 def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, experiment_id: str,
                 state: dict, resume: bool) -> None:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    """Search the target, then confirm its top-k (unless ``confirm: null``), then summarise.
 
-    from search.searcher import build_searcher, fail_orphaned_trials
-    from search.tracking import MlflowTrialCallback, client_for, ensure_parent_run
-    from search.trial_memory import TrimFinishedTrials
+    ``state.json`` records the phase (``running`` -> ``searched`` -> ``confirming`` -> ``done``), so a
+    resumed campaign continues the phase it was in and never repeats a finished one.
+    """
+    from search.tracking import client_for, ensure_parent_run
 
     tstate = state["targets"].setdefault(target.label, {})
+    phase = tstate.get("status") if tstate.get("status") in ("searched", "confirming") else "running"
     exp_path = f"{campaign.ray_storage_path()}/{target.slug}"
     study_name = campaign.study_name(target)
     fp_path, fp_state = _fp_checkpoint(campaign, target, campaign_dir)
@@ -192,13 +206,43 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
     parent_id = ensure_parent_run(client, experiment_id, campaign.name, target, {
         "oscqat.ray_experiment_path": exp_path, "oscqat.optuna_study": study_name,
         "oscqat.optuna_storage": redact(campaign.optuna_storage), "oscqat.space": space.name,
-        "oscqat.fp_checkpoint": fp_path,
+        "oscqat.fp_checkpoint": fp_path, "oscqat.stage": "search",
     })
     tstate.update(parent_run_id=parent_id, study_name=study_name, experiment_path=exp_path,
-                  experiment_id=experiment_id, status="running", fp_checkpoint=fp_path)
+                  experiment_id=experiment_id, status=phase, fp_checkpoint=fp_path)
     write_state(campaign_dir, state)
     trainable = _trainable(campaign, base_config, fp_state)
+    if phase == "running":
+        _search_target(campaign, target, space, trainable, exp_path, study_name, experiment_id, parent_id,
+                       base_config, resume)
+        tstate["status"] = "searched"
+        write_state(campaign_dir, state)
+    if campaign.confirm is not None:
+        from search.confirm import run_confirm
 
+        def save_phase(**fields) -> None:
+            tstate.update(fields)
+            write_state(campaign_dir, state)
+
+        run_confirm(campaign, target, space, tstate, save_phase, base_config=base_config, fp_state=fp_state,
+                    experiment_id=experiment_id, parent_id=parent_id, resume=resume)
+    _summarise_parent(campaign, target, client, parent_id, tstate)
+    tstate["status"] = "done"
+    write_state(campaign_dir, state)
+
+
+def _search_target(campaign: Campaign, target: Target, space, trainable, exp_path: str, study_name: str,
+                   experiment_id: str, parent_id: str, base_config: dict, resume: bool) -> None:
+    """The search phase: Optuna (TPE or random) proposes, ASHA stops early, Tune runs the trials."""
+    from ray import tune
+
+    from search.rungs import check_campaign_rungs, describe_rungs
+    from search.searcher import build_searcher, fail_orphaned_trials
+    from search.tracking import MlflowTrialCallback
+    from search.trial_memory import TrimFinishedTrials
+
+    b = campaign.budget
+    grace, latest_start = check_campaign_rungs(campaign, {target.label: space})[target.label]
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming {target.label} from {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -207,14 +251,15 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
             stale = fail_orphaned_trials(campaign.optuna_storage, study_name, set(), include_waiting=True)
             if stale:
                 log.warning("%d Optuna trial(s) of %s left by the stopped driver were marked FAIL", stale, study_name)
-        b = campaign.budget
         points = space.starting_points if b.enqueue_starting_points else []
         names = space.starting_point_names if b.enqueue_starting_points else []
         searcher = build_searcher(space.define_by_run, points, names, study_name, campaign.optuna_storage,
                                   campaign.seed, b.max_epochs, sampler=b.searcher)
         if b.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
-                                      grace_period=b.grace_period, reduction_factor=b.reduction_factor)
+                                      grace_period=grace, reduction_factor=b.reduction_factor)
         else:
             from ray.tune.schedulers import FIFOScheduler
 
@@ -237,19 +282,18 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
                 verbose=1,
             ),
         )
-    print(f"searching {target.label}: {campaign.budget.num_samples} trials, up to {campaign.budget.max_epochs} epochs "
-          f"each (ASHA grace {campaign.budget.grace_period}, factor {campaign.budget.reduction_factor:g})")
+    rungs = (describe_rungs(grace, b.reduction_factor, b.max_epochs, latest_start) if b.scheduler == "asha"
+             else "no early stopping (fifo)")
+    print(f"searching {target.label}: {b.num_samples} trials, up to {b.max_epochs} epochs each; {rungs}")
     tuner.fit()
     orphans = fail_orphaned_trials(campaign.optuna_storage, study_name, set())
     if orphans:
         log.warning("%d Optuna trial(s) left RUNNING by a stopped driver were marked FAIL", orphans)
-    _summarise_parent(campaign, target, client, parent_id, base_config)
-    tstate["status"] = "done"
-    write_state(campaign_dir, state)
 
 
-def target_result(campaign: Campaign, target: Target) -> TargetResult:
-    """Best COMPLETE trial of the target's study, and trial counts by state."""
+def target_result(campaign: Campaign, target: Target, tstate: dict | None = None) -> TargetResult:
+    """Best COMPLETE trial of the target's study, trial counts by state, and (given the target's
+    state) the confirmed winner."""
     import optuna
 
     from search.searcher import TRIAL_ID_ATTR, make_storage, storage_exists
@@ -267,14 +311,39 @@ def target_result(campaign: Campaign, target: Target) -> TargetResult:
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
     if not complete:
         return TargetResult(target.label, None, None, None, {}, counts)
-    best = max(complete, key=lambda t: t.value)
+    best = max(complete, key=lambda t: t.value)  # ties: the first in search order
+    confirmed, ties = confirmed_result(tstate or {})
     return TargetResult(target.label, best.user_attrs.get(TRIAL_ID_ATTR), best.value, best.params.get("method"),
-                        dict(best.params), counts)
+                        dict(best.params), counts, confirmed, ties)
 
 
-def _summarise_parent(campaign: Campaign, target: Target, client, parent_id: str, base_config: dict) -> None:
-    res = target_result(campaign, target)
+def confirmed_result(tstate: dict) -> tuple[dict | None, list]:
+    """The confirmed winner recorded in a target's state (and the configs tied with it)."""
+    from search.confirm import ConfirmSummary, winner
+
+    rows = (tstate.get("confirm") or {}).get("summary") or []
+    summaries = []
+    for row in rows:
+        summ = ConfirmSummary(row["trial_id"], int(row.get("search_rank", 0)))
+        summ.val = {int(k): v for k, v in (row.get("val") or {}).items()}
+        summ.test = {int(k): v for k, v in (row.get("test") or {}).items()}
+        summaries.append(summ)
+    best, ties = winner(summaries)
+    return (best.to_dict() if best else None), ties
+
+
+def _summarise_parent(campaign: Campaign, target: Target, client, parent_id: str, tstate: dict) -> None:
+    res = target_result(campaign, target, tstate)
     try:
+        if res.confirmed is not None:
+            c = res.confirmed
+            client.set_tag(parent_id, "oscqat.confirmed_trial_id", c["trial_id"])
+            client.set_tag(parent_id, "oscqat.confirm_seeds", json.dumps(c["seeds"]))
+            if res.confirm_ties:
+                client.set_tag(parent_id, "oscqat.confirm_ties", json.dumps(res.confirm_ties))
+            for key in ("val_top1_mean", "val_top1_std", "test_top1_mean", "test_top1_std"):
+                if c.get(key) is not None:
+                    client.log_metric(parent_id, f"confirmed_{key}", c[key])
         if res.best_val_top1 is not None:
             client.log_metric(parent_id, "best_val_top1", res.best_val_top1)
             client.set_tag(parent_id, "oscqat.best_trial_id", res.best_trial_id or "")
@@ -296,6 +365,7 @@ def run_campaign(campaign: Campaign, address: str | None = None) -> list[TargetR
                             f"continue it with `oscqat search resume {campaign.name}` or pick a new name")
     campaign = _absolute_stores(campaign)
     spaces = _resolve_spaces(campaign)
+    _check_rungs(campaign, spaces)
     _check_studies_unused(campaign)
     experiment_id = check_backends(campaign)
     campaign_dir.mkdir(parents=True, exist_ok=True)
@@ -353,6 +423,6 @@ def _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address, 
             print(f"{target.label}: already finished")
         else:
             _run_target(campaign, target, spaces[target.label], campaign_dir, experiment_id, state,
-                        resume=resume and tstate.get("status") == "running")
-        results.append(target_result(campaign, target))
+                        resume=resume and tstate.get("status") in ("running", "searched", "confirming"))
+        results.append(target_result(campaign, target, state["targets"].get(target.label)))
     return results

@@ -136,8 +136,14 @@ class MlflowTrialCallback(Callback):
     """Driver-side Tune callback writing one MLflow child run per trial (picklable for restore)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, campaign: str, target_label: str,
-                 base_config: dict, max_epochs: int, study_name: str):
+                 base_config: dict, max_epochs: int, study_name: str, stage: str = "search",
+                 points: dict | None = None, ranks: dict | None = None):
+        """``stage``: ``search`` (trial configs are sampled params) or ``confirm`` (configs are
+        ``{confirm_of, seed}``; ``points`` maps a search trial id to its params, ``ranks`` to its rank)."""
         self.tracking_uri = tracking_uri
+        self.stage = stage
+        self.points = points or {}
+        self.ranks = ranks or {}
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.campaign = campaign
@@ -167,6 +173,7 @@ class MlflowTrialCallback(Callback):
         return state
 
     def __setstate__(self, state):
+        state = {"stage": "search", "points": {}, "ranks": {}, **state}  # callbacks pickled before the confirm stage
         self.__dict__.update(state)
         self._init_runtime()
 
@@ -238,9 +245,17 @@ class MlflowTrialCallback(Callback):
             return self._known_run(trial)
         tags = {"mlflow.parentRunId": self.parent_run_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
                 f"{TAG}campaign": self.campaign, f"{TAG}target": self.target_label,
-                f"{TAG}optuna_study": self.study_name}
+                f"{TAG}optuna_study": self.study_name, f"{TAG}stage": self.stage}
+        if self.stage == "confirm":
+            from search.confirm import CONFIRM_OF
+
+            source = trial.config.get(CONFIRM_OF)
+            tags.update({f"{TAG}{CONFIRM_OF}": source, f"{TAG}confirm_rank": self.ranks.get(source, 0),
+                         f"{TAG}confirm_seed": trial.config.get("seed")})
         try:
-            run = self.client.create_run(self.experiment_id, run_name=tid,
+            name = tid if self.stage != "confirm" else (
+                f"confirm · {tags[f'{TAG}confirm_of']} · seed {tags[f'{TAG}confirm_seed']} · {tid}")
+            run = self.client.create_run(self.experiment_id, run_name=name,
                                          tags={k: safe_value(k, v) for k, v in tags.items()})
         except Exception as exc:  # noqa: BLE001
             self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
@@ -263,11 +278,19 @@ class MlflowTrialCallback(Callback):
     def _log_params(self, trial, run_id: str, skip: set[str] = frozenset()) -> None:
         from mlflow.entities import Param
 
-        params = {**self.base_config, **trial.config}
+        params = {**self.base_config, **self.trial_params(trial)}
         items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items()) if k not in skip]
         for i in range(0, len(items), 90):
             chunk = items[i:i + 90]
             self._write(f"params of {trial.trial_id}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
+
+    def trial_params(self, trial) -> dict:
+        """The params a trial trains with on top of ``base_config``."""
+        if self.stage != "confirm":
+            return dict(trial.config)
+        from search.confirm import CONFIRM_OF
+
+        return {**self.points[trial.config[CONFIRM_OF]], "seed": int(trial.config["seed"])}
 
     def _run_for(self, trial) -> str:
         """The trial's run id, created now if the server was down before; raises while it still is,
@@ -336,7 +359,7 @@ class MlflowTrialCallback(Callback):
         from oscqat.config import TrainConfig
 
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig.model_validate({**self.base_config, **trial.config})
+            cfg = TrainConfig.model_validate({**self.base_config, **self.trial_params(trial)})
             (Path(tmp) / "train_config.yaml").write_text(cfg.to_yaml())
             history = self._layer_osc.get(trial.trial_id, [])
             # The heatmap is drawn on demand by `oscqat report plot` (it cost the driver ~0.3 s

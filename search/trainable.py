@@ -82,6 +82,13 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
         last_checkpoint = time.monotonic()
 
 
+def confirm_trial(config: dict, *, points: dict, **kwargs) -> None:
+    """A confirm-stage trial: the search trial ``config["confirm_of"]``'s params with a fresh seed."""
+    from search.confirm import CONFIRM_OF
+
+    train_trial({**points[config[CONFIRM_OF]], "seed": int(config["seed"])}, **kwargs)
+
+
 def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool, cfg: TrainConfig | None = None,
                         trainer: Trainer | None = None, before: bool = False) -> None:
     """Fault injection for the reliability tests; active only when OSCQAT_FAULT_INJECT is set,

@@ -129,6 +129,7 @@ def fault_campaign(tmp_path_factory) -> CampaignRun:
         "targets": [{"arch": "demo_net", "bits": "w3a3", "pretrained": str(fp_path)}],  # 4 starting points
         "base": {**TINY_BASE, "data_dir": f"s3://AKIAEXAMPLE:{DATA_SECRET}@bucket/digits"},
         "budget": {"num_samples": 4, "max_epochs": MAX_EPOCHS, "grace_period": MAX_EPOCHS},  # ASHA never stops
+        "confirm": None,
         "resources": {"cpu": 1},
         "checkpoints_to_keep": CHECKPOINTS_TO_KEEP,
         "checkpoint_interval_s": 0,  # every epoch: retries restore from the latest one

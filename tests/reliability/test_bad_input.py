@@ -22,7 +22,9 @@ GARBAGE = bytes(range(256)) * 4 + b"\x00\xff\xfe\x80\x81"
 # a campaign that is valid apart from what a case changes
 CAMPAIGN = {"name": "bad", "targets": [{"arch": "demo_net", "bits": "w4a4"}],
             "base": {"batch_size": 128, "bn_reestimate_batches": 2}, "budget": {"num_samples": 2, "max_epochs": 2,
-                                                                              "grace_period": 1}}
+                                                                              "grace_period": 1,
+                                                                              "allow_early_rungs": True},
+            "confirm": None}
 # a space file that is valid apart from what a case changes
 SPACE = {"name": "s", "arch": "demo_net",
          "params": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},

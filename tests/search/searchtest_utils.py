@@ -64,7 +64,10 @@ def campaign_dict(name: str, space: Path, *, bits=("w4a4",), num_samples: int = 
                for b in bits]
     data = {
         "name": name, "dataset": "digits", "space": str(space), "targets": targets, "base": dict(TINY_BASE),
-        "budget": {"num_samples": num_samples, "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
+        # rung at epoch 1 on purpose (pruning is what these tests check): allowed explicitly
+        "budget": {"num_samples": num_samples, "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2,
+                   "allow_early_rungs": True},
+        "confirm": None,  # the confirm stage has its own test (test_campaign_confirm.py)
         "resources": {"cpu": 1, "gpu": 0}, "fp_pretrain": {"epochs": 1}, "seed": 0,
         "checkpoint_interval_s": 0,  # a checkpoint every epoch: the restart tests resume mid-trial
     }
@@ -244,8 +247,10 @@ def check_records(tracking_uri: str, experiment: str, optuna_url: str, campaign:
     assert exp is not None, f"no MLflow experiment {experiment!r} in {tracking_uri}"
     runs = client.search_runs([exp.experiment_id], max_results=10_000)
     parents = [r for r in runs if r.data.tags.get("oscqat.role") == "parent"]
-    trial_runs = [r for r in runs if r.data.tags.get("oscqat.role") == "trial"]
-    assert len(runs) == len(parents) + len(trial_runs), "runs that are neither a parent nor a trial"
+    trial_runs = [r for r in runs if r.data.tags.get("oscqat.role") == "trial"
+                  and r.data.tags.get("oscqat.stage", "search") == "search"]
+    confirm_runs = [r for r in runs if r.data.tags.get("oscqat.stage") == "confirm"]
+    assert len(runs) == len(parents) + len(trial_runs) + len(confirm_runs), "runs that are neither a parent nor a trial"
     parent_targets = Counter(r.data.tags.get("oscqat.target") for r in parents)
     assert parent_targets == Counter(set(study_names)), f"one parent per target expected, got {parent_targets}"
     parent_ids = {r.info.run_id for r in parents}
