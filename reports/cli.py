@@ -94,7 +94,8 @@ def export(
     campaign: str = CAMPAIGN_ARG,
     target: str = typer.Option(..., "--target", "-t", help="ARCH/BITS, e.g. demo_net/w3a3"),
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write (a complete TrainConfig)"),
-    rank: int = typer.Option(1, "--rank", min=1, help="1 = best COMPLETE trial by final val_top1, 2 = runner-up, ..."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="export the N-th best COMPLETE search trial by "
+                                       "final val_top1 instead of the confirmed winner (the default)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="epochs of the final training (default: the trial's)"),
     no_log: bool = typer.Option(False, "--no-log", help="don't log the file on the parent run / tag the trial run"),
     tracking_uri: Optional[str] = TRACKING_OPT,
@@ -106,8 +107,8 @@ def export(
     with _user_errors():
         store = _open(campaign, tracking_uri, optuna_storage)
         res = export_trial(store, target, out, rank=rank, epochs=epochs, log=not no_log)
-    err_console.print(f"exported trial {res.trial.trial_id} ({res.trial.method}, val_top1 {res.trial.val_top1:.4f}, "
-                      f"rank {rank}) of {store.target(target).label} -> {res.path}"
+    err_console.print(f"exported trial {res.trial.trial_id} ({res.trial.method}) of {store.target(target).label}, "
+                      f"{res.chosen_as} -> {res.path}"
                       + (f"; logged on parent run {res.parent_run_id}" if res.logged else ""), highlight=False)
     err_console.print(f"final training:  oscqat train {res.path}", highlight=False)
 

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 
+from oscqat.stats import is_tie
 from reports.store import CampaignStore, TrialRecord
 
 # Sampled params that say nothing beyond the method (fixed values) are left out of "key params".
@@ -16,6 +17,8 @@ _FIXED_PARAMS = {"method", "dampen_aggregation"}
 _FALLBACK_KEYS = ("lr", "weight_decay", "quantizer_lr", "dampen_lambda", "dampen_start", "freeze_threshold_start",
                   "freeze_threshold_end", "freeze_start", "osc_momentum")
 FORMATS = ("table", "csv", "json", "markdown")
+SPLIT_NOTE = ("selected on val_top1 (the selection split, carved from training data); test = the held-out test "
+              "split, never selected on; confirmed winner = best mean val over fresh seeds, test mean ± sample std")
 
 
 def key_params(rec: TrialRecord | None) -> dict:
@@ -58,6 +61,7 @@ def compare_rows(store: CampaignStore) -> list[dict]:
         counts = store.counts(target)
         epochs, seconds = compute_spent(store, target)
         final = best.final if best else {}
+        confirmed, ties, _ = store.confirmed(target)
         rows.append({
             "target": target.label,
             "arch": target.arch,
@@ -84,6 +88,21 @@ def compare_rows(store: CampaignStore) -> list[dict]:
             "trials_running": counts.get("RUNNING", 0),
             "trial_epochs": epochs,
             "wall_time_s": round(seconds, 3),
+            # which split chose and which is shown: trials are ranked on val (the selection split);
+            # test_top1 is the held-out split, measured at each trial's last epoch, never selected on
+            "selected_on": "val_top1",
+            "best_test_top1": final.get("test_top1"),
+            "best_is_tied": bool(best and any(r.trial_id != best.trial_id and is_tie(r.val_top1, best.val_top1)
+                                              for r in store.ranked(target))),
+            "confirmed_trial_id": confirmed.trial_id if confirmed else None,
+            "confirmed_method": (store.record(target, confirmed.trial_id).method
+                                 if confirmed and store.record(target, confirmed.trial_id) else None),
+            "confirmed_val_top1_mean": confirmed.val_mean if confirmed else None,
+            "confirmed_val_top1_std": confirmed.val_std if confirmed else None,
+            "confirmed_test_top1_mean": confirmed.test_mean if confirmed else None,
+            "confirmed_test_top1_std": confirmed.test_std if confirmed else None,
+            "confirm_seeds": confirmed.seeds if confirmed else [],
+            "confirm_ties": ties,
         })
     return rows
 
@@ -110,9 +129,18 @@ def _display(row: dict, sep: str = ", ") -> dict[str, str]:
     osc = "-" if row["osc_frac"] is None else (
         f"{row['osc_frac']:.4f}{sep}dw {_num(row['osc_frac_depthwise'])}{sep}pw {_num(row['osc_frac_pointwise'])}")
     params = sep.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(row["params"].items()))
+    confirmed = "-"
+    if row.get("confirmed_trial_id"):
+        test = row["confirmed_test_top1_mean"]
+        std = row["confirmed_test_top1_std"]
+        test_text = "-" if test is None else (f"{test:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
+        confirmed = (f"{row['confirmed_trial_id']}{sep}val {_num(row['confirmed_val_top1_mean'])}{sep}"
+                     f"test {test_text}{sep}n={len(row['confirm_seeds'])}"
+                     + (f"{sep}tie: {', '.join(row['confirm_ties'])}" if row.get("confirm_ties") else ""))
     return {
         "target": row["target"],
-        "best top1": _num(row["best_val_top1"]),
+        "confirmed winner": confirmed,
+        "best top1": _num(row["best_val_top1"]) + (" (tie)" if row.get("best_is_tied") else ""),
         "trial": row["best_trial_id"] or "-",
         "method": row["method"] or "-",
         "key params": params or "-",
@@ -130,11 +158,11 @@ def _display(row: dict, sep: str = ", ") -> dict[str, str]:
 def rich_table(rows: list[dict], title: str):
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=SPLIT_NOTE)
     short = {"complete/pruned/failed": "C/P/F", "trial-epochs": "trial\nepochs", "best dampen/freeze":
              "best dampen/\nfreeze", "key params": "key params"}
-    widths = {"best": 8, "key params": 18, "best LSQ": 8, "best dampen/freeze": 13, "osc frac": 9}
-    cols = ["target", "best", "key params", "best LSQ", "best dampen/freeze", "osc frac", "frozen",
+    widths = {"confirmed winner": 16, "best": 8, "key params": 18, "best LSQ": 8, "best dampen/freeze": 13, "osc frac": 9}
+    cols = ["target", "confirmed winner", "best", "key params", "best LSQ", "best dampen/freeze", "osc frac", "frozen",
             "complete/pruned/failed", "trial-epochs", "wall (s)"]
     for col in cols:
         table.add_column(short.get(col, col), overflow="fold", min_width=widths.get(col))
@@ -149,6 +177,8 @@ def rich_cards(rows: list[dict], title: str) -> list:
     """One two-column table per target, for terminals too narrow for the wide table."""
     from rich.table import Table
 
+    from rich.text import Text
+
     cards = []
     for row in rows:
         table = Table(title=f"{title}: {row['target']}", show_header=False)
@@ -158,7 +188,7 @@ def rich_cards(rows: list[dict], title: str) -> list:
             if key != "target":
                 table.add_row(key, value)
         cards.append(table)
-    return cards
+    return cards + [Text(SPLIT_NOTE)]
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -168,7 +198,7 @@ def to_markdown(rows: list[dict]) -> str:
     cols = list(shown[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(s[c].replace("|", "\\|") for c in cols) + " |" for s in shown]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + SPLIT_NOTE + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -28,6 +28,7 @@ class ExportResult:
     config: TrainConfig
     parent_run_id: str | None
     logged: bool
+    chosen_as: str = ""
 
 
 def trial_config(store: CampaignStore, rec: TrialRecord) -> TrainConfig:
@@ -70,24 +71,43 @@ def header_lines(store: CampaignStore, target, rec: TrialRecord, rank: int, pare
     ]
 
 
-def export_trial(store: CampaignStore, target_label: str, out: Path, rank: int = 1, epochs: int | None = None,
-                 log: bool = True) -> ExportResult:
-    """Write the rank-th best COMPLETE trial's config to ``out``; log it on the target's parent run."""
-    target = store.target(target_label)
+def choose_trial(store: CampaignStore, target, rank: int | None) -> tuple[TrialRecord, str]:
+    """The trial to export and how it was chosen: the confirmed winner by default (when the
+    campaign confirmed), else / with ``rank`` the rank-th best COMPLETE search trial on val_top1."""
     ranked = store.ranked(target)
     if not ranked:
         raise ReportError(f"target {target.label} has no COMPLETE trial to export "
                           f"(states: {store.counts(target)})")
+    if rank is None:
+        winner, ties, _ = store.confirmed(target)
+        rec = store.record(target, winner.trial_id) if winner else None
+        if rec is not None:
+            how = (f"confirmed winner: best mean val_top1 {winner.val_mean:.6f} over seeds {winner.seeds}"
+                   + (f" (tied with {', '.join(ties)})" if ties else ""))
+            if winner.test_mean is not None:
+                std = f" ± {winner.test_std:.6f} (sample std)" if winner.test_std is not None else ""
+                how += f"; test_top1 {winner.test_mean:.6f}{std}"
+            return rec, how
+        rank = 1
     if not 1 <= rank <= len(ranked):
         raise ReportError(f"--rank {rank} is out of range: target {target.label} has {len(ranked)} COMPLETE "
                           f"trial(s)", code=2)
-    rec = ranked[rank - 1]
+    return ranked[rank - 1], f"search rank {rank} by final val_top1 (not confirmed with other seeds)"
+
+
+def export_trial(store: CampaignStore, target_label: str, out: Path, rank: int | None = None,
+                 epochs: int | None = None, log: bool = True) -> ExportResult:
+    """Write the chosen trial's config to ``out`` (see ``choose_trial``); log it on the parent run."""
+    target = store.target(target_label)
+    rec, how = choose_trial(store, target, rank)
+    rank = next(i + 1 for i, r in enumerate(store.ranked(target)) if r.trial_id == rec.trial_id)
     cfg = trial_config(store, rec)
     trial_epochs = cfg.epochs
     if epochs is not None:
         cfg.epochs = epochs
     parent_id = store.parent_run_id(target)
-    text = "\n".join(header_lines(store, target, rec, rank, parent_id, trial_epochs)) + "\n" + cfg.to_yaml()
+    text = "\n".join(header_lines(store, target, rec, rank, parent_id, trial_epochs) + [f"# chosen as: {how}"]) \
+        + "\n" + cfg.to_yaml()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
@@ -104,4 +124,4 @@ def export_trial(store: CampaignStore, target_label: str, out: Path, rank: int =
         if rec.run_id is not None:
             store.client.set_tag(rec.run_id, f"{TAG}exported", "true")
         logged = True
-    return ExportResult(out, rec, cfg, parent_id, logged)
+    return ExportResult(out, rec, cfg, parent_id, logged, how)

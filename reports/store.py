@@ -87,6 +87,7 @@ class CampaignStore:
         self.state = read_state(campaign_dir)
         self._trials: dict[str, list[TrialRecord]] = {}
         self._histories: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        self._confirm: dict[str, list[dict]] = {}
 
     @classmethod
     def open(cls, name_or_path: str, tracking_uri: str | None = None, optuna_storage: str | None = None,
@@ -165,7 +166,7 @@ class CampaignStore:
             for run in runs:
                 tags = run.data.tags
                 tid = tags.get(f"{TAG}trial_id")
-                if not tid or tags.get(f"{TAG}role", "trial") != "trial":
+                if not tid or tags.get(f"{TAG}role", "trial") != "trial" or tags.get(f"{TAG}stage", "search") != "search":
                     continue
                 state = tags.get(f"{TAG}state") or ("RUNNING" if run.info.status == "RUNNING" else "FAIL")
                 final = {k: float(v) for k, v in run.data.metrics.items() if math.isfinite(v)}
@@ -207,6 +208,41 @@ class CampaignStore:
     def best(self, target: Target, method_filter=None) -> TrialRecord | None:
         ranked = self.ranked(target, method_filter)
         return ranked[0] if ranked else None
+
+    # the confirm stage -----------------------------------------------------------------------
+    def confirm_runs(self, target: Target) -> list[dict]:
+        """The target's confirm-stage runs as rows ``{confirm_of, rank, seed, state, val_top1, test_top1, run_id}``."""
+        if target.label in self._confirm:
+            return self._confirm[target.label]
+        from search.confirm import CONFIRM_OF
+
+        rows = []
+        parent = self.parent_run_id(target)
+        if parent is not None:
+            runs = self.client.search_runs(
+                [self.experiment_id], max_results=50_000,
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TAG}stage` = 'confirm'")
+            for run in runs:
+                tags, metrics = run.data.tags, run.data.metrics
+                state = tags.get(f"{TAG}state") or ("RUNNING" if run.info.status == "RUNNING" else "FAIL")
+                rows.append({CONFIRM_OF: tags.get(f"{TAG}{CONFIRM_OF}"), "rank": int(tags.get(f"{TAG}confirm_rank", 0)),
+                             "seed": int(run.data.params.get("seed", tags.get(f"{TAG}confirm_seed", -1))),
+                             "state": state, "val_top1": metrics.get("val_top1"),
+                             "test_top1": metrics.get("test_top1"), "run_id": run.info.run_id})
+        rows.sort(key=lambda r: (r["rank"], r["seed"]))
+        self._confirm[target.label] = rows
+        return rows
+
+    def confirmed(self, target: Target):
+        """``(winner, ties, summaries)`` of the confirm stage (winner None when it has no result)."""
+        from search.confirm import summarise, winner
+
+        summaries = summarise(r for r in self.confirm_runs(target) if r["confirm_of"])
+        best, ties = winner(summaries)
+        return best, ties, summaries
+
+    def record(self, target: Target, trial_id: str) -> TrialRecord | None:
+        return next((r for r in self.trials(target) if r.trial_id == trial_id), None)
 
     # metrics and artifacts ---------------------------------------------------------------
     def history(self, run_id: str | None, key: str) -> list[tuple[int, float]]:

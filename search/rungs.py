@@ -90,6 +90,8 @@ def check_campaign_rungs(campaign, spaces: dict) -> dict[str, tuple[int, float |
     """``{target label: (grace, latest remedy start)}``; raises ValueError naming the field."""
     out = {}
     for target in campaign.targets:
+        if target.label not in spaces:
+            continue
         start = latest_remedy_start(spaces[target.label], campaign.base)
         if campaign.budget.scheduler != "asha":
             out[target.label] = (campaign.budget.max_epochs, start)

@@ -44,7 +44,7 @@ def test_compare_json_matches_optuna_and_mlflow(report_campaign):
         assert row["trial_epochs"] == sum(len(t.intermediate_values) for t in trials)
         runs = client.search_runs([client.get_experiment_by_name(rc.experiment).experiment_id],
                                   filter_string=f"tags.`oscqat.target` = '{row['target']}' and "
-                                                f"tags.`oscqat.role` = 'trial'")
+                                                f"tags.`oscqat.role` = 'trial' and tags.`oscqat.stage` = 'search'")
         wall = sum(m.value for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
         assert row["wall_time_s"] == pytest.approx(wall, abs=1e-3) and wall > 0
         best_run = next(r for r in runs if r.data.tags["oscqat.trial_id"] == row["best_trial_id"])
@@ -70,7 +70,8 @@ def test_compare_other_formats(report_campaign):
     res = invoke("report", "compare", rc.campaign_dir, "--format", "markdown")
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("| target |") and len(lines) == 4 and lines[2].startswith("| demo_net/w3a3 |")
+    assert lines[0].startswith("| target |") and lines[2].startswith("| demo_net/w3a3 |")
+    assert lines[4] == "" and "selected on val_top1" in lines[5] and len(lines) == 6  # which split chose, which is shown
     res = invoke("report", "compare", rc.campaign_dir)  # rich table (wide terminal)
     assert res.exit_code == 0, res.output
     assert "demo_net/w3a3" in res.stdout and "best dampen/" in res.stdout
@@ -91,3 +92,36 @@ def test_compare_user_and_backend_errors(report_campaign, tmp_path):
                  env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output and "error:" in res.output
+
+
+def test_compare_json_reports_the_confirmed_winner(report_campaign):
+    """The confirm stage (top 2 x 2 seeds): the winner is the best mean selection value, its test
+    top-1 is the mean ± sample std (n-1) over the seeds, and it is one of the search's top 2."""
+    import statistics
+
+    rc = report_campaign
+    res = invoke("report", "compare", rc.campaign_dir, "--format", "json")
+    assert res.exit_code == 0, res.output
+    client = rc.client()
+    exp = client.get_experiment_by_name(rc.experiment).experiment_id
+    for row in json.loads(res.stdout):
+        runs = client.search_runs([exp], filter_string=f"tags.`oscqat.target` = '{row['target']}' and "
+                                                       f"tags.`oscqat.stage` = 'confirm'")
+        assert len(runs) == 4, [r.info.run_name for r in runs]
+        by_source = {}
+        for r in runs:
+            by_source.setdefault(r.data.tags["oscqat.confirm_of"], []).append(r)
+        trials = _optuna_trials(rc, row["target"].replace("/", "-"))
+        complete = sorted((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: (-t.value, t.number))
+        assert set(by_source) == {t.user_attrs["tune_trial_id"] for t in complete[:2]}
+        means = {tid: statistics.mean(r.data.metrics["val_top1"] for r in rs) for tid, rs in by_source.items()}
+        assert row["confirmed_trial_id"] in means
+        assert row["confirmed_val_top1_mean"] == pytest.approx(max(means.values()), abs=1e-12)
+        winner_runs = by_source[row["confirmed_trial_id"]]
+        tests = [r.data.metrics["test_top1"] for r in winner_runs]
+        assert row["confirmed_test_top1_mean"] == pytest.approx(statistics.mean(tests), abs=1e-12)
+        assert row["confirmed_test_top1_std"] == pytest.approx(statistics.stdev(tests), abs=1e-12)  # n-1
+        assert row["confirm_seeds"] == sorted(int(r.data.params["seed"]) for r in winner_runs) == [1000, 1001]
+        assert row["selected_on"] == "val_top1"
+        tied = [t for t, m in means.items() if t != row["confirmed_trial_id"] and abs(m - max(means.values())) < 1e-9]
+        assert row["confirm_ties"] == tied

@@ -33,7 +33,12 @@ def test_export_round_trips_and_is_logged(report_campaign, tmp_path):
     assert res.exit_code == 0, res.output
     text = out.read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
-    assert header[0] == f"# oscqat-source: campaign=reptest target=demo_net/w4a4 trial={best['best_trial_id']} rank=1"
+    # the default export is the confirmed winner (best mean val over the confirm seeds)
+    winner = best["confirmed_trial_id"]
+    assert winner is not None
+    assert header[0].startswith(f"# oscqat-source: campaign=reptest target=demo_net/w4a4 trial={winner} rank=")
+    assert any(line.startswith("# chosen as: confirmed winner") for line in header)
+    best = {**best, "best_trial_id": winner, "method": best["confirmed_method"]}
     assert f"# oscqat-tracking-uri: {rc.tracking_uri}" in header
     cfg = TrainConfig.from_yaml(out)  # comments don't break it; unknown keys would
     assert set(yaml.safe_load(text)) == set(TrainConfig.model_fields)
