@@ -357,8 +357,9 @@ def accuracy_vs_size(store: CampaignStore, out_dir: Path) -> Figure:
                     "`oscqat report sync` cannot backfill it)")
         return fig
     front = pareto_front(best_points)
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2,
-            label="Pareto front (best trial per target)")
+    right = max(p[0] for p in best_points)  # the front holds its last accuracy out to the largest model
+    ax.step([p[0] for p in front] + [right], [p[1] for p in front] + [front[-1][1]], where="post", color="black",
+            lw=1.2, label="Pareto front (best trial per target)")
     paper_drawn = []
     for arch in archs:
         paper = paper_numbers(arch)
