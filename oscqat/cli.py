@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import typer
 from rich.console import Console
@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from oscqat.config import ConfigError, TrainConfig
+
+MODEL_FILE = "model.pt"  # oscqat.export.bundle.MODEL_FILE (not imported here: it pulls in torch)
 
 err_console = Console(stderr=True)
 
@@ -40,6 +42,7 @@ def load_train_config(path: Path, epochs: Optional[int] = None) -> TrainConfig:
 def run_training(cfg: TrainConfig, out: Optional[Path] = None, quiet: bool = False,
                  on_epoch: Callable[[dict, "object"], None] | None = None) -> tuple[list[dict], "object"]:
     """Train ``cfg`` to completion with a progress bar; resume from ``out/checkpoint.pt`` if present."""
+    from oscqat.export.bundle import save_trained_model
     from oscqat.trainer import Trainer
 
     ckpt = out / "checkpoint.pt" if out else None
@@ -66,7 +69,7 @@ def run_training(cfg: TrainConfig, out: Optional[Path] = None, quiet: bool = Fal
             if on_epoch is not None:
                 on_epoch(metrics, trainer)
     if out is not None:
-        trainer.save_model(out / "model.pt")
+        save_trained_model(trainer, out / MODEL_FILE)
         (out / "metrics.json").write_text(json.dumps({"epochs": trainer.history}, indent=2))
         (out / "config.yaml").write_text(cfg.to_yaml())
     return trainer.history, trainer
@@ -81,23 +84,96 @@ def results_table(history: list[dict]) -> Table:
     return table
 
 
-def train(
-    config: Path = typer.Argument(..., help="TrainConfig YAML file"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the number of epochs"),
-    as_json: bool = typer.Option(False, "--json", help='print {"epochs": [...], "final": {...}} on stdout'),
-    out: Optional[Path] = typer.Option(None, "--out", help="directory for checkpoint.pt (resumable), model.pt, metrics.json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
-) -> None:
-    """Train one model (QAT, or FP with bits: fp32) from a config file."""
-    try:
-        cfg = load_train_config(config, epochs)
-    except ConfigError as exc:
-        raise fail(str(exc))
-    try:
-        history, _ = run_training(cfg, out, quiet=quiet or as_json)
-    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as exc:  # incl. NonFiniteLossError
-        raise fail(f"{config}: {exc}", code=1)
-    if as_json:
-        sys.stdout.write(json.dumps({"epochs": history, "final": history[-1]}) + "\n")
-    else:
-        Console().print(results_table(history))
+class TrainHook(Protocol):
+    """What a caller above the library adds to a training (e.g. ``reports.final``: an MLflow run).
+
+    ``start`` returns a line for the user (or ""), ``finish`` is called once with FINISHED,
+    FAILED or KILLED and returns a closing line; ``summary`` adds keys to ``--json``.
+    """
+
+    def start(self, cfg: TrainConfig) -> str: ...
+    def on_epoch(self, metrics: dict, trainer) -> None: ...
+    def finish(self, status: str, cfg: TrainConfig, trainer) -> str: ...
+    def summary(self) -> dict: ...
+
+
+HookFactory = Callable[[Path, Path], Optional[TrainHook]]  # (config file, out dir) -> hook or None
+
+
+def default_out_dir(config: Path) -> Path:
+    """``$OSCQAT_RUNS_DIR`` (default ``./runs``) / ``<config stem>-<UTC time>``: every run keeps its model."""
+    import os
+    import time
+
+    root = Path(os.environ.get("OSCQAT_RUNS_DIR") or "runs")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out, i = root / f"{config.stem}-{stamp}", 1
+    while out.exists():
+        i += 1
+        out = root / f"{config.stem}-{stamp}-{i}"
+    return out
+
+
+def make_train_command(hook_for: HookFactory | None = None):
+    """The ``oscqat train`` command; ``hook_for`` may attach a ``TrainHook`` (the root CLI passes
+    the reports layer's final-run tracking, so this library never imports MLflow)."""
+
+    def train(
+        config: Path = typer.Argument(..., help="TrainConfig YAML file"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the number of epochs"),
+        as_json: bool = typer.Option(False, "--json", help='print {"epochs": [...], "final": {...}, "out": DIR} on stdout'),
+        out: Optional[Path] = typer.Option(None, "--out", help="directory for checkpoint.pt (resumable), model.pt, "
+                                           "metrics.json, config.yaml (default: a new one under ./runs, printed)"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+        no_track: bool = typer.Option(False, "--no-track", help="don't log an exported config's training to its campaign's MLflow"),
+    ) -> None:
+        """Train one model (QAT, or FP with bits: fp32) from a config file; the model is kept in the output directory.
+
+        A config written by `oscqat report export` (it starts with `# oscqat-source:`) is logged to its campaign's MLflow experiment as a run with role=final and stage=final, model included, unless --no-track is given.
+        """
+        try:
+            cfg = load_train_config(config, epochs)
+        except ConfigError as exc:
+            raise fail(str(exc))
+        out_dir = out or default_out_dir(config)
+        hook = None if (no_track or hook_for is None) else hook_for(config, out_dir)
+        talk = not (quiet or as_json)
+        if hook is not None:
+            line = hook.start(cfg)
+            if line and (talk or line.startswith("[yellow]")):
+                err_console.print(line, highlight=False)
+        state: dict = {}
+
+        def on_epoch(metrics, trainer):
+            state["trainer"] = trainer
+            if hook is not None:
+                hook.on_epoch(metrics, trainer)
+
+        try:
+            history, trainer = run_training(cfg, out_dir, quiet=quiet or as_json, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            if hook is not None:
+                hook.finish("KILLED", cfg, state.get("trainer"))
+            raise
+        except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as exc:  # incl. NonFiniteLossError
+            if hook is not None:
+                hook.finish("FAILED", cfg, state.get("trainer"))
+            raise fail(f"{config}: {exc}", code=1)
+        closing = hook.finish("FINISHED", cfg, trainer) if hook is not None else ""
+        if as_json:
+            extra = hook.summary() if hook is not None else {}
+            sys.stdout.write(json.dumps({"epochs": history, "final": history[-1], "out": str(out_dir), **extra}) + "\n")
+            return
+        console = Console()
+        console.print(results_table(history))
+        final = history[-1]
+        console.print(f"model: {final['model_size_kb']:.1f} KiB packed weights, {final['bops_g']:.4g} GBOPs per image",
+                      highlight=False)
+        console.print(f"model saved in {out_dir}/{MODEL_FILE} (export: oscqat export onnx {out_dir})", highlight=False)
+        if closing:
+            console.print(closing, highlight=False)
+
+    return train
+
+
+train = make_train_command()  # the library's own command: plain training, no tracking hook

@@ -20,6 +20,7 @@ from torch import nn
 
 from oscqat.bn import bn_layers, bn_state, reestimate_bn
 from oscqat.config import TrainConfig
+from oscqat.cost import model_cost
 from oscqat.dampening import dampening_loss, enable_fused_dampening
 from oscqat.data import DataBundle, build_data
 from oscqat.models import create_model
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 METRIC_NAMES = (
     "epoch", "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda",
     "freeze_threshold", "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac",
-    "epoch_time_s", "samples_per_s",
+    "epoch_time_s", "samples_per_s", "model_size_kb", "bops_g",
 )
 CHECKPOINT_VERSION = 1
 
@@ -254,6 +255,7 @@ class Trainer:
             "frozen_frac": osc.get("frozen_frac", 0.0),
             "epoch_time_s": time.perf_counter() - start,
             "samples_per_s": train["_samples"] / max(train_time, 1e-9),
+            **self.cost(),
         }
         self.history.append(metrics)
         self.layer_history.append(
@@ -263,6 +265,14 @@ class Trainer:
         log.info("epoch %d/%d val_top1=%.4f osc=%.4f frozen=%.4f", self.epoch, self.cfg.epochs, top1,
                  metrics["osc_frac"], metrics["frozen_frac"])
         return metrics
+
+    def cost(self) -> dict[str, float]:
+        """``model_size_kb`` and ``bops_g`` (``oscqat.cost``): fixed by the architecture and bit-widths,
+        so computed once, after the first epoch has calibrated the quantizers."""
+        if getattr(self, "_cost", None) is None:
+            size = self.data.image_size
+            self._cost = model_cost(self.model, (self.data.in_chans, size, size))
+        return self._cost
 
     def fit(self, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
         """Run the remaining epochs; returns the full history."""

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from reports.paper import PAPER_SOURCE, paper_numbers  # noqa: E402
+from reports.paper import PAPER_FP_TOP1, PAPER_SOURCE, paper_numbers  # noqa: E402
 from reports.store import CampaignStore, TrialRecord  # noqa: E402
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
@@ -292,11 +292,12 @@ def layer_heatmap(store: CampaignStore, target, best: TrialRecord | None, out_di
 
 
 def campaign_figures(store: CampaignStore, out_dir: Path) -> dict:
-    """Every figure of the report: ``{"overview": [...], "targets": {label: [...]}}``."""
+    """Every figure of the report: ``{"overview": [...], "size": [...], "targets": {label: [...]}}``."""
     out_dir = Path(out_dir)
     # Optuna's plots switch matplotlib's global style to ggplot; keep ours (and theirs) contained.
     with plt.style.context("default"):
-        result = {"overview": accuracy_vs_bits(store, out_dir), "targets": {}}
+        result = {"overview": accuracy_vs_bits(store, out_dir), "size": [accuracy_vs_size(store, out_dir)],
+                  "targets": {}}
     for target in store.targets:
         best = store.best(target)
         with plt.style.context("default"):
@@ -306,3 +307,85 @@ def campaign_figures(store: CampaignStore, out_dir: Path) -> dict:
             figs.append(layer_heatmap(store, target, best, out_dir))
         result["targets"][target.label] = figs
     return result
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (size, accuracy) points no other point beats on both (smaller or equal size, higher
+    or equal accuracy, one strictly), by increasing size."""
+    front, best = [], float("-inf")
+    for size, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((size, acc))
+            best = acc
+    return front
+
+
+def paper_model_size_kb(arch: str, bits: str | None, num_classes: int = 1000) -> float:
+    """``model_size_kb`` of the paper's ImageNet network at ``bits`` (None: FP32), by ``oscqat.cost``."""
+    from oscqat.config import parse_bits
+    from oscqat.cost import model_size_bits
+    from oscqat.models import create_model
+    from oscqat.quantize import QuantConfig, quantize_model
+
+    model = create_model(arch, num_classes=num_classes)
+    if bits is not None:
+        w, a = parse_bits(bits)
+        quantize_model(model, QuantConfig(weight_bits=w, act_bits=a))
+    return model_size_bits(model) / 8 / 1024
+
+
+def accuracy_vs_size(store: CampaignStore, out_dir: Path) -> Figure:
+    """Final val_top1 against packed model size over every target, the Pareto front of the targets'
+    best trials drawn; the paper's ImageNet numbers (and FP) at their networks' sizes beside."""
+    fig = Figure("accuracy_vs_size", "Accuracy vs model size (all targets)")
+    mfig, ax = plt.subplots(figsize=(7.2, 4.6))
+    best_points, archs = [], sorted({t.arch for t in store.targets})
+    colors = {arch: f"C{i}" for i, arch in enumerate(archs)}
+    for t in store.targets:
+        done = [r for r in store.ranked(t) if "model_size_kb" in r.final]
+        if not done:
+            continue
+        ax.scatter([r.final["model_size_kb"] for r in done], [r.val_top1 * 100 for r in done], s=12, alpha=0.3,
+                   color=colors[t.arch])
+        size, acc = done[0].final["model_size_kb"], done[0].val_top1 * 100
+        ax.scatter([size], [acc], s=60, color=colors[t.arch], edgecolor="black", zorder=3)
+        ax.annotate(t.label, (size, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        best_points.append((size, acc))
+    if not best_points:
+        plt.close(mfig)
+        fig.note = ("no COMPLETE trial has a model_size_kb metric (campaigns run before sizes were logged; "
+                    "`oscqat report sync` cannot backfill it)")
+        return fig
+    front = pareto_front(best_points)
+    right = max(p[0] for p in best_points)  # the front holds its last accuracy out to the largest model
+    ax.step([p[0] for p in front] + [right], [p[1] for p in front] + [front[-1][1]], where="post", color="black",
+            lw=1.2, label="Pareto front (best trial per target)")
+    paper_drawn = []
+    for arch in archs:
+        paper = paper_numbers(arch)
+        if not paper:
+            continue
+        xs, ys = [], []
+        for bits, methods in paper.items():
+            xs.append(paper_model_size_kb(arch, bits))
+            ys.append(max(methods.values()))
+        ax.scatter(xs, ys, marker="s", facecolors="none", edgecolors=colors[arch], s=50,
+                   label=f"paper: {arch} (ImageNet, best method)")
+        if arch in PAPER_FP_TOP1:
+            ax.scatter([paper_model_size_kb(arch, None)], [PAPER_FP_TOP1[arch]], marker="*", s=90,
+                       color=colors[arch], label=f"paper: {arch} FP32")
+        paper_drawn.append(arch)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (KiB, packed weights at trained bit-widths; log scale)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.caption = (f"dots: COMPLETE trials (dataset {store.campaign.dataset}); outlined: each target's best; the "
+                   "line is the Pareto front over the targets' best trials. Size = sum of weights x weight bits "
+                   "+ 32 bits per other parameter/BN statistic (oscqat.cost).")
+    if paper_drawn:
+        fig.caption += f" Squares/stars: the paper's ImageNet top-1 and FP32 at those networks' sizes, {PAPER_SOURCE}."
+    else:
+        fig.note = "the paper reports no numbers for these architectures: ours only"
+    fig.file = _save(mfig, out_dir, "accuracy-vs-size.png")
+    return fig

@@ -1,9 +1,12 @@
 """Final training of an exported config, logged to MLflow as a run linked to its campaign.
 
-``oscqat train best.yaml`` lands here (via the root CLI) when the YAML carries the
-``# oscqat-source:`` header that ``report export`` writes. The library (``oscqat``) stays free
-of MLflow: it only calls the ``on_epoch`` hook this module provides. Tracking never stops
-training: if the server is unreachable the run trains untracked, with a warning.
+``oscqat train best.yaml`` gets this module's hook (``final_run_hook``, passed in by the root
+CLI) when the YAML carries the ``# oscqat-source:`` header that ``report export`` writes. The
+library (``oscqat``) stays free of MLflow: it only calls the hook. The run (role=final,
+stage=final) keeps its model: ``model.pt`` and its config as an MLflow logged model of the run
+(and run artifacts under ``model/``); ``oscqat export onnx`` adds the ONNX file and
+``parity.json`` to both (``log_export``). Tracking never stops training: if the server is
+unreachable the run trains untracked, with a warning.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import math
 import os
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 from reports.header import SOURCE_KEY, parse_source, read_header
 
 log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"  # oscqat.export.bundle.MODEL_FILE
 RUN_FILE = "mlflow_run.json"  # in --out: lets a resumed final training continue the same run
 
 
@@ -56,7 +60,18 @@ class FinalRunLogger:
             log.warning("MLflow: could not %s (%s: %s)", what, exc.__class__.__name__, str(exc).splitlines()[0][:200])
             return False
 
-    def start(self, cfg) -> str | None:
+    def start(self, cfg) -> str:
+        """``TrainHook.start``: open the run; the line to show the user."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        if self.open_run(cfg) is None:
+            return "[yellow]warning:[/] MLflow is unreachable; training without tracking"
+        return (f"logging to MLflow run {self.run_id} (experiment {self.experiment!r}, "
+                f"source trial {self.source.get('trial')})")
+
+    def summary(self) -> dict:
+        return {"mlflow_run_id": self.run_id}
+
+    def open_run(self, cfg) -> str | None:
         """Create (or, when resuming in the same --out, reopen) the run; None if MLflow is unreachable."""
         from mlflow.entities import Param
 
@@ -69,7 +84,7 @@ class FinalRunLogger:
                 self.run_id = previous
                 self.client.update_run(previous, status="RUNNING")
                 return
-            tags = {f"{TAG}role": "final", f"{TAG}campaign": self.source.get("campaign", ""),
+            tags = {f"{TAG}role": "final", f"{TAG}stage": "final", f"{TAG}campaign": self.source.get("campaign", ""),
                     f"{TAG}target": self.source.get("target", ""),
                     f"{TAG}source_trial_id": self.source.get("trial", ""),
                     f"{TAG}source_rank": self.source.get("rank", ""),
@@ -85,11 +100,18 @@ class FinalRunLogger:
                 self.client.log_batch(self.run_id, params=params[i:i + 90])
             if self.out is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
+                self._write_run_file()
 
         if not self._try(f"create the final-training run in {self.experiment!r}", create):
             self.run_id = None
         return self.run_id
+
+    def _write_run_file(self, **extra) -> None:
+        from search.searcher import redact
+
+        data = {"run_id": self.run_id, "tracking_uri": redact(self.tracking_uri),
+                "experiment_id": self.experiment_id, **extra}
+        (self.out / RUN_FILE).write_text(json.dumps(data))
 
     def _previous_run_id(self) -> str | None:
         if self.out is None or not (self.out / RUN_FILE).is_file() or not (self.out / "checkpoint.pt").is_file():
@@ -117,15 +139,41 @@ class FinalRunLogger:
                                                                                               metrics=self._pending[0])):
             self._pending.pop(0)
 
-    def finish(self, status: str, cfg=None, trainer=None) -> None:
+    def finish(self, status: str, cfg=None, trainer=None) -> str:
+        """``TrainHook.finish``: flush, log artifacts (and the model when FINISHED), end the run."""
         if self.run_id is None:
-            return
+            return ""
         while self._pending and self._try("log buffered metrics",
                                           lambda: self.client.log_batch(self.run_id, metrics=self._pending[0])):
             self._pending.pop(0)
         if trainer is not None and cfg is not None:
             self._try("log artifacts", lambda: self._log_artifacts(cfg, trainer))
+            if status == "FINISHED" and self.out is not None and (self.out / MODEL_FILE).is_file():
+                self._try("log the model", lambda: self._log_model(cfg, trainer))
         self._try(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))
+        return f"MLflow run {self.run_id} (role=final) in experiment {self.experiment!r}"
+
+    def _log_model(self, cfg, trainer) -> None:
+        """``model.pt`` + its config as the run's logged model (MLflow 3 'Logged models') and as run
+        artifacts under ``model/``; the model id goes into ``mlflow_run.json`` for ``log_export``."""
+        from mlflow.entities import LoggedModelOutput
+
+        from search.tracking import TAG
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            shutil.copy2(self.out / MODEL_FILE, tmp / MODEL_FILE)
+            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+            self.client.log_artifacts(self.run_id, str(tmp), "model")
+            if self.experiment_id is None:
+                self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            model = self.client.create_logged_model(
+                self.experiment_id, name=f"{cfg.arch}-{cfg.bits}", source_run_id=self.run_id, model_type="oscqat",
+                tags={f"{TAG}stage": "final", f"{TAG}arch": cfg.arch, f"{TAG}bits": cfg.bits})
+            self.client.log_model_artifacts(model.model_id, str(tmp))
+            self.client.finalize_logged_model(model.model_id, "READY")
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, int(trainer.epoch))])
+        self._write_run_file(model_id=model.model_id)
 
     def _log_artifacts(self, cfg, trainer) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -142,42 +190,44 @@ class FinalRunLogger:
             self.client.log_artifacts(self.run_id, str(tmp))
 
 
-def train_from_export(config: Path, epochs: int | None, as_json: bool, out: Path | None, quiet: bool) -> None:
-    """``oscqat train`` for an exported config: same behaviour and output, plus the MLflow run."""
-    from rich.console import Console
+def final_run_hook(config: Path, out: Path) -> FinalRunLogger | None:
+    """The ``oscqat train`` hook: a final run for an exported config, None for a plain config."""
+    header = read_header(config)
+    return FinalRunLogger(header, out) if SOURCE_KEY in header else None
 
-    from oscqat.cli import err_console, fail, load_train_config, results_table, run_training
-    from oscqat.config import ConfigError
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        cfg = load_train_config(config, epochs)
-    except ConfigError as exc:
-        raise fail(str(exc))
-    logger = FinalRunLogger(read_header(config), out)
-    if logger.start(cfg) is None:
-        err_console.print("[yellow]warning:[/] MLflow is unreachable; training without tracking", highlight=False)
-    elif not (quiet or as_json):
-        err_console.print(f"logging to MLflow run {logger.run_id} (experiment {logger.experiment!r}, "
-                          f"source trial {logger.source.get('trial')})", highlight=False)
-    state = {}
+PARITY_METRICS = ("top1_agreement", "onnx_test_top1", "torch_test_top1", "max_abs_logit_diff", "mean_abs_logit_diff")
 
-    def on_epoch(metrics, trainer):
-        state["trainer"] = trainer
-        logger.on_epoch(metrics, trainer)
+
+def log_export(run_dir: Path, files: list[Path], parity: dict | None) -> str:
+    """The ``oscqat export onnx`` hook: attach the ONNX file and parity to the run's final run
+    (found through ``mlflow_run.json`` in the run directory); "" for an untracked run."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return ""
+    from mlflow.entities import Metric
+
+    from search.tracking import TAG, client_for
 
     try:
-        history, trainer = run_training(cfg, out, quiet=quiet or as_json, on_epoch=on_epoch)
-    except KeyboardInterrupt:
-        logger.finish("KILLED", cfg, state.get("trainer"))
-        raise
-    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as exc:  # incl. NonFiniteLossError
-        logger.finish("FAILED", cfg, state.get("trainer"))
-        raise fail(f"{config}: {exc}", code=1)
-    logger.finish("FINISHED", cfg, trainer)
-    if as_json:
-        sys.stdout.write(json.dumps({"epochs": history, "final": history[-1], "mlflow_run_id": logger.run_id}) + "\n")
-    else:
-        Console().print(results_table(history))
-        if logger.run_id:
-            Console().print(f"MLflow run {logger.run_id} (role=final) in experiment {logger.experiment!r}")
+        info = json.loads(path.read_text())
+        uri = info["tracking_uri"]
+        if "***" in uri:
+            uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
+        client, run_id = client_for(uri), info["run_id"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in files:
+                shutil.copy2(f, Path(tmp) / f.name)
+            client.log_artifacts(run_id, tmp, "model")
+            if info.get("model_id"):
+                client.log_model_artifacts(info["model_id"], tmp)
+        if parity is not None:
+            ts = int(time.time() * 1000)
+            metrics = [Metric(f"parity_{k}", float(parity[k]), ts, 0) for k in PARITY_METRICS]
+            metrics.append(Metric("parity_weights_bit_exact", float(parity["weights_bit_exact"]), ts, 0))
+            client.log_batch(run_id, metrics=metrics)
+            client.set_tag(run_id, f"{TAG}parity", "passed" if parity["passed"] else "failed")
+    except Exception as exc:  # noqa: BLE001 - the export is written either way
+        log.warning("MLflow: could not log the export (%s: %s)", exc.__class__.__name__, str(exc).splitlines()[0][:200])
+        return "[yellow]warning:[/] could not log the export to MLflow"
+    return f"logged to MLflow run {run_id}"

@@ -107,7 +107,7 @@ def build_report(store: CampaignStore, out_dir: Path) -> dict:
     paper_html, paper_rows = paper_table(store)
     no_paper = sorted({t.arch for t in store.targets if paper_numbers(t.arch) is None})
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    sections = ["summary", "accuracy-vs-bits"] + [f"target-{t.slug}" for t in store.targets]
+    sections = ["summary", "accuracy-vs-bits", "accuracy-vs-size"] + [f"target-{t.slug}" for t in store.targets]
 
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>oscqat campaign {_e(camp.name)}"
              f"</title><style>{CSS}</style></head><body>",
@@ -127,7 +127,8 @@ def build_report(store: CampaignStore, out_dir: Path) -> dict:
     fp = ", ".join(f"{arch} {top1}" for arch, top1 in PAPER_FP_TOP1.items())
     parts += [f"<p class='meta'>Paper: {_e(PAPER_SOURCE)}; FP baselines {_e(fp)}. Paper cells are n/a for "
               f"architectures it did not evaluate{' (' + _e(', '.join(no_paper)) + ')' if no_paper else ''}.</p>",
-              paper_html]
+              paper_html, "<h2 id='accuracy-vs-size'>Accuracy vs model size</h2>"]
+    parts += [_figure_html(f) for f in figs["size"]]
     for t in store.targets:
         parts.append(f"<h2 id='target-{_e(t.slug)}'>{_e(t.label)}</h2>")
         best = store.best(t)
@@ -141,7 +142,7 @@ def build_report(store: CampaignStore, out_dir: Path) -> dict:
     (out_dir / "index.html").write_text("\n".join(parts), encoding="utf-8")
     manifest = {
         "campaign": camp.name, "generated": when, "sections": sections, "rows": rows, "paper": paper_rows,
-        "figures": {"overview": [f.to_dict() for f in figs["overview"]],
+        "figures": {"overview": [f.to_dict() for f in figs["overview"]], "size": [f.to_dict() for f in figs["size"]],
                     "targets": {k: [f.to_dict() for f in v] for k, v in figs["targets"].items()}},
     }
     (out_dir / "report.json").write_text(json.dumps(manifest, indent=2))
@@ -149,7 +150,7 @@ def build_report(store: CampaignStore, out_dir: Path) -> dict:
 
 
 def figure_files(manifest: dict) -> list[str]:
-    figs = manifest["figures"]["overview"] + [f for v in manifest["figures"]["targets"].values() for f in v]
+    figs = manifest["figures"]["overview"] + manifest["figures"].get("size", []) + [f for v in manifest["figures"]["targets"].values() for f in v]
     return [f["file"] for f in figs if f["file"]]
 
 

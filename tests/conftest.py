@@ -15,3 +15,9 @@ def _seed_torch():
     """Every test starts from the same global torch RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _runs_dir(tmp_path_factory, monkeypatch):
+    """``oscqat train`` without --out writes its default run directory here, not into the worktree."""
+    monkeypatch.setenv("OSCQAT_RUNS_DIR", str(tmp_path_factory.mktemp("runs")))

@@ -32,7 +32,8 @@ def test_train_demo_json(tmp_path):
     result = runner.invoke(app, ["train", str(DEMO_CONFIG), "--epochs", "1", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # stdout holds exactly one JSON document
-    assert set(payload) == {"epochs", "final"}
+    assert set(payload) == {"epochs", "final", "out"}
+    assert (Path(payload["out"]) / "model.pt").is_file()  # every run keeps its model, --out or not
     assert len(payload["epochs"]) == 1
     assert payload["final"] == payload["epochs"][-1]
     assert set(payload["final"]) == set(METRIC_NAMES)

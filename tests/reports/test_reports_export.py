@@ -118,7 +118,23 @@ def test_export_then_train_reproduces_the_trial(report_campaign, tmp_path, one_t
     assert final.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(final.info.run_id, "val_top1")] == [1, 2]
     assert {a.path for a in client.list_artifacts(final.info.run_id)} >= {"train_config.yaml", "metrics.json",
-                                                                          "layer_oscillations.json"}
+                                                                          "layer_oscillations.json", "model"}
+    # the final run keeps its model: stage tag, model/ artifacts, an MLflow logged model of the run
+    assert tags["oscqat.stage"] == "final"
+    assert {a.path for a in client.list_artifacts(final.info.run_id, "model")} == {"model/model.pt",
+                                                                                 "model/train_config.yaml"}
+    models = client.search_logged_models([final.info.experiment_id])
+    mine = [m for m in models if m.source_run_id == final.info.run_id]
+    assert len(mine) == 1 and str(mine[0].status).endswith("READY"), mine
+    assert final.data.metrics["model_size_kb"] > 0 and final.data.metrics["bops_g"] > 0
+    # exporting the run attaches the ONNX file and the parity result to the same run
+    res = invoke("export", "onnx", tmp_path / "final")
+    assert res.exit_code == 0, res.output
+    assert f"logged to MLflow run {final.info.run_id}" in " ".join(res.stdout.split())
+    after = client.get_run(final.info.run_id)
+    assert after.data.metrics["parity_top1_agreement"] >= 0.995 and after.data.metrics["parity_weights_bit_exact"] == 1
+    assert after.data.tags["oscqat.parity"] == "passed"
+    assert {"model/model.onnx", "model/parity.json"} <= {a.path for a in client.list_artifacts(final.info.run_id, "model")}
     # --no-track trains without touching MLflow
     n_final = len(client.search_runs([final.info.experiment_id], filter_string="tags.`oscqat.role` = 'final'"))
     res = invoke("train", out, "--json", "--epochs", "1", "--no-track")

@@ -13,7 +13,7 @@ TARGET_FIGURES = ("history", "importances", "parallel", "slice", "curves", "laye
 
 
 def _all_figures(manifest: dict) -> list[dict]:
-    return manifest["figures"]["overview"] + [f for v in manifest["figures"]["targets"].values() for f in v]
+    return manifest["figures"]["overview"] + manifest["figures"]["size"] + [f for v in manifest["figures"]["targets"].values() for f in v]
 
 
 def test_html_report_sections_figures_and_artifacts(report_campaign, tmp_path):
@@ -43,6 +43,10 @@ def test_html_report_sections_figures_and_artifacts(report_campaign, tmp_path):
     overview = manifest["figures"]["overview"]
     assert [f["file"] for f in overview] == ["accuracy-vs-bits-demo_net.png"]
     assert "ours only" in overview[0]["note"] and "paper reports no numbers for demo_net" in page and "n/a" in page
+    # accuracy vs model size over both targets (trials log model_size_kb), the Pareto front drawn
+    assert "id='accuracy-vs-size'" in page and "accuracy-vs-size" in manifest["sections"]
+    size = manifest["figures"]["size"]
+    assert [f["file"] for f in size] == ["accuracy-vs-size.png"] and "Pareto front" in size[0]["caption"]
     # every figure file exists, is a PNG, and the page references it by relative path
     files = [f["file"] for f in _all_figures(manifest) if f["file"]]
     assert len(files) >= 1 + 2 * 3
@@ -100,3 +104,10 @@ def test_accuracy_figure_puts_paper_numbers_beside_ours(tmp_path):
     figs = accuracy_vs_bits(FakeStore(), tmp_path)
     assert len(figs) == 1 and figs[0].note is None and "paper" in figs[0].caption.lower()
     assert (tmp_path / figs[0].file).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from reports.figures import pareto_front
+
+    points = [(30.0, 0.9), (25.0, 0.8), (25.0, 0.85), (40.0, 0.88), (50.0, 0.95), (10.0, 0.5)]
+    assert pareto_front(points) == [(10.0, 0.5), (25.0, 0.85), (30.0, 0.9), (50.0, 0.95)]
