@@ -105,7 +105,7 @@ def summarise(rows: Iterable[dict]) -> list[ConfirmSummary]:
         if row.get("test_top1") is not None:
             summ.test[seed] = float(row["test_top1"])
     ranked = [s for s in by_trial.values() if s.val]
-    ranked.sort(key=lambda s: (-s.val_mean, s.rank))
+    ranked.sort(key=lambda s: (-round(s.val_mean, 9), s.rank))  # means equal to 1e-9 are ties: rank decides
     return ranked + [s for s in by_trial.values() if not s.val]
 
 
