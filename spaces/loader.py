@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from spaces.errors import SpaceError
 from spaces.schema import KINDS, AnyParam, BitsSection, ParamSpec, SpaceFileModel, fmt_value
+from spaces.fields import coerce_value, field_types
 from spaces.space import ResolvedSpace
 
 SHIPPED_DIR = Path(__file__).resolve().parent
@@ -109,16 +107,6 @@ def available_bits(name_or_path: str | Path) -> list[str]:
     return load_space_file(name_or_path).bits
 
 
-def coerce_value(field_name: str, value: Any) -> Any:
-    """Validate ``value`` as TrainConfig's ``field_name`` would (type and bounds); return it coerced."""
-    try:
-        return _field_adapter(field_name).validate_python(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValueError(f"{fmt_value(value)} is not valid for TrainConfig.{field_name} "
-                         f"({err['msg'].removeprefix('Value error, ')})") from None
-
-
 # ---------------------------------------------------------------------------- reading
 def _read_model(path: Path) -> SpaceFileModel:
     from oscqat.config import ConfigError, load_yaml_mapping
@@ -150,32 +138,6 @@ def _normalise_bits(key: Any, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------- specs
-@lru_cache(maxsize=None)
-def _field_adapter(name: str) -> TypeAdapter:
-    from oscqat.config import TrainConfig
-
-    info = TrainConfig.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, info])
-
-
-def _field_types(name: str) -> set[type]:
-    """Python types a TrainConfig field holds (Optional stripped; Literal -> its values' types)."""
-    from oscqat.config import TrainConfig
-
-    annotation = TrainConfig.model_fields[name].annotation
-    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    args = typing.get_args(annotation) if is_union else (annotation,)
-    found: set[type] = set()
-    for arg in args:
-        if arg is type(None):
-            continue
-        if typing.get_origin(arg) is typing.Literal:
-            found |= {type(v) for v in typing.get_args(arg)}
-        else:
-            found.add(arg)
-    return found
-
-
 def _check_spec(name: str, raw: Any, where: str) -> AnyParam:
     """Validate one parameter spec on its own and against its TrainConfig field; return it coerced."""
     from oscqat.config import TrainConfig
@@ -193,7 +155,7 @@ def _check_spec(name: str, raw: Any, where: str) -> AnyParam:
         spec: AnyParam = _SPEC_ADAPTER.validate_python(raw)
     except ValidationError as exc:
         raise SpaceError(_spec_error(here, exc)) from None
-    ftypes = _field_types(name)
+    ftypes = field_types(name)
     if spec.type == "float" and float not in ftypes:
         raise SpaceError(f"{here}: type 'float' does not fit TrainConfig.{name} "
                          f"({'/'.join(sorted(t.__name__ for t in ftypes))}); use int, categorical or fixed")

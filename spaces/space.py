@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spaces.errors import SpaceError
-from spaces.schema import AnyParam, fmt_value
+from spaces.fields import coerce_value
+from spaces.schema import AnyParam
 
 
 def is_active(spec: AnyParam, values: dict[str, Any]) -> bool:
@@ -78,8 +79,6 @@ class ResolvedSpace:
         parameters are refused (they would be silently ignored by Optuna). Values are coerced to
         the TrainConfig field type first, so ``"1e-5"`` (how YAML 1.1 reads 1e-5) is accepted.
         """
-        from spaces.loader import coerce_value  # the loader owns the TrainConfig field adapters
-
         where = f"{self.source}: bits {self.bits}: {label}"
         unknown = [k for k in point if k not in self.params]
         if unknown:
