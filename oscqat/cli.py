@@ -95,7 +95,7 @@ def train(
         raise fail(str(exc))
     try:
         history, _ = run_training(cfg, out, quiet=quiet or as_json)
-    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as exc:  # incl. NonFiniteLossError
+    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as exc:  # incl. NonFiniteLossError, QuantizerCollapseError (names the layer)
         raise fail(f"{config}: {exc}", code=1)
     if as_json:
         sys.stdout.write(json.dumps({"epochs": history, "final": history[-1]}) + "\n")

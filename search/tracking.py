@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 TAG = "oscqat."
 SCALAR_METRICS = (
     "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda", "freeze_threshold",
-    "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac", "epoch_time_s", "samples_per_s",
+    "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac", "scale_flip_frac", "epoch_time_s",
+    "samples_per_s",
 )
 _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
 
