@@ -15,6 +15,7 @@ _EXPORTS = {
     "OscillationTracker": "oscillation", "QuantConfig": "quantize", "layer_bits": "quantize",
     "quantize_model": "quantize", "LSQQuantizer": "quantizer", "grid_bounds": "quantizer",
     "lsq_fake_quant": "quantizer", "METRIC_NAMES": "trainer", "NonFiniteLossError": "trainer", "Trainer": "trainer",
+    "QuantizerCollapseError": "trainer",
 }
 
 
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "LSQQuantizer", "METRIC_NAMES", "NonFiniteLossError", "OscillationTracker", "QuantConfig",
+    "QuantizerCollapseError",
     "QuantConv2d", "QuantLinear", "QuantMixin", "TrainConfig", "Trainer", "create_model", "dampening_loss",
     "grid_bounds", "layer_bits", "list_models", "lsq_fake_quant", "parse_bits", "quant_layers",
     "quantize_model", "reestimate_bn", "register_quantized",

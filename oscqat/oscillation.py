@@ -3,6 +3,14 @@
 The tracker reads the integer weights that each layer used in its latest forward pass
 (``last_weight_int``), so it adds no extra quantization pass. Call ``step`` once per training
 step, after ``optimizer.step()``; never during evaluation (that would decay the frequencies).
+
+Scale-driven flips: an integer change between two forwards comes from the weight moving, the
+scale moving, or both. For each integer that changed, the tracker re-quantizes this forward's
+weight under the previous forward's scale, ``round(clip(v_t * s_t / s_{t-1}))`` with
+``v_t = w_t / s_t`` kept by the quantizer; if that gives back the old integer, the weight alone
+would not have flipped it: the flip is scale-driven. Only the changed integers are touched
+(about 0.1% per step), so this costs a few small ops per layer, not a pass over the weights.
+``pop_flip_stats`` returns the counts since the last call (the trainer's ``scale_flip_frac``).
 """
 
 from __future__ import annotations
@@ -131,6 +139,11 @@ class OscillationTracker:
         self._spare: torch.Tensor | None = None  # the buffer the next step's integers go into
         self._delta: torch.Tensor | None = None  # scratch for the integer change
         self.steps = 0
+        for layer in self.layers.values():  # keep x / s and s of each training forward (references)
+            layer.weight_quantizer.record_forward = True
+        self._scale_prev: dict[str, torch.Tensor] = {}  # each layer's scale in the previous forward
+        self._flips_scale: torch.Tensor | None = None  # scale-driven changes since pop_flip_stats
+        self._flips_total = 0  # attributed integer changes since pop_flip_stats
 
     def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
         """All layers' latest forward integers as one flat tensor, and the layers that had none.
@@ -189,11 +202,57 @@ class OscillationTracker:
             self._cleared = scaled
         else:
             self._cleared = float("inf")  # frequencies rise unchecked: check all at the next freeze
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             if layer._any_frozen:
                 layer.restore_frozen_latent()
             layer.__dict__["last_weight_int"] = None  # consumed: a forward must run before the next update
+            q = layer.weight_quantizer
+            if q.last_scale is not None:  # this forward's scale is the next update's "previous" one
+                self._scale_prev[name] = q.last_scale
+            q.last_v = q.last_scale = None
         self.steps += 1
+
+    def _attribute(self, moved: torch.Tensor, missing: list[str]) -> None:
+        """Count how many of the integers at ``moved`` (this update's changes) the scale caused.
+
+        A layer is attributed only when its quantizer recorded this forward and the previous
+        one (so hand-fed integers and the first update after a load are skipped)."""
+        starts = self._starts_on(moved.device)
+        cuts = torch.searchsorted(moved, starts).tolist()
+        pieces, olds = [], []
+        shared = self._bounds()[0]
+        for i, (name, layer) in enumerate(self.layers.items()):
+            a, b = cuts[i], cuts[i + 1]
+            q = layer.weight_quantizer
+            s_prev = self._scale_prev.get(name)
+            if a == b or q.last_v is None or s_prev is None or name in missing:
+                continue
+            idx = moved[a:b]
+            local = idx - self._starts[i]
+            ratio = q.last_scale / s_prev  # s_t / s_{t-1}, shaped like the broadcast scale
+            if ratio.numel() > 1:
+                ratio = ratio.reshape(-1)[local // (layer.weight[0].numel())]
+            old_grid = torch.take(q.last_v, local).mul_(ratio)  # w_t / s_{t-1}
+            if shared is None:
+                old_grid.clamp_(*q.bounds)
+            pieces.append(old_grid)
+            olds.append(idx)
+            self._flips_total += b - a
+        if not pieces:
+            return
+        old_grid = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if shared is not None:
+            old_grid.clamp_(*shared)
+        idx = torch.cat(olds) if len(olds) > 1 else olds[0]
+        same = (old_grid.round_() == self._prev[idx]).sum()
+        self._flips_scale = same if self._flips_scale is None else self._flips_scale + same
+
+    def pop_flip_stats(self) -> tuple[int, int]:
+        """``(scale-driven changes, attributed changes)`` since the last call; resets both."""
+        scale = 0 if self._flips_scale is None else int(self._flips_scale)
+        total = self._flips_total
+        self._flips_scale, self._flips_total = None, 0
+        return scale, total
 
     def _moved(self, delta: torch.Tensor) -> torch.Tensor:
         """Sorted flat indices where ``delta != 0``.
@@ -228,6 +287,8 @@ class OscillationTracker:
             self._delta = torch.empty_like(x)
         delta = torch.sub(x, self._prev, out=self._delta)
         moved = self._moved(delta)
+        if moved.numel():
+            self._attribute(moved, missing)
         old_decay = self._decay
         self._decay *= 1.0 - m
         if moved.numel():
@@ -361,7 +422,9 @@ class OscillationTracker:
 
     # persistence -------------------------------------------------------------
     def state_dict(self) -> dict:
-        out = {"steps": self.steps, "momentum": self.momentum, "layers": {}}
+        out = {"steps": self.steps, "momentum": self.momentum, "layers": {},
+               # the last forward's scales, so a resumed run attributes its first update too
+               "scale_prev": {name: t.clone() for name, t in self._scale_prev.items()}}
         for name, st in self.states.items():
             out["layers"][name] = {
                 key: (None if (value := getattr(st, key)) is None else value.clone()) for key in STATE_KEYS
@@ -370,6 +433,8 @@ class OscillationTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
+        self._scale_prev = {name: t.to(self.layers[name].weight.device).clone()
+                            for name, t in state.get("scale_prev", {}).items() if name in self.layers}
         missing = set(self.states) - set(state["layers"])
         if missing:
             raise KeyError(f"tracker state lacks layers: {sorted(missing)[:5]}")

@@ -3,6 +3,15 @@
 The pass-through decision is made on ``x / s`` inside ``[n, p]``, not by differentiating
 ``clamp`` (whose gradient at the bound is 0 or 0.5), so a weight that rounds onto the grid
 edge keeps its gradient.
+
+Scales stay positive in forward: the pass divides by ``max(s, SCALE_EPS)``, the clamp the
+reference release uses. We clamp rather than learn ``log s`` because a log parameterisation
+turns Adam's fixed-size steps on ``s`` into fixed *relative* steps, which would change the
+meaning of every published quantizer learning rate (the release's 1e-5 is for ``s`` itself)
+and the checkpoints' ``scale`` entries. The clamp is straight-through for the gradient (the
+LSQ gradient at the clamped value reaches ``s`` unchanged), so it never silences a scale.
+A scale that an optimizer step takes to ``<= SCALE_EPS`` has collapsed: ``collapsed_scales``
+finds it and the trainer ends the run (``QuantizerCollapseError``) instead of training on.
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ import math
 
 import torch
 from torch import nn
+
+SCALE_EPS = 1e-8  # forward never divides by a smaller scale; a learned scale at or below it has collapsed
 
 
 def grid_bounds(bits: int, signed: bool) -> tuple[int, int]:
@@ -23,7 +34,8 @@ def grid_bounds(bits: int, signed: bool) -> tuple[int, int]:
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Fake quantization returning ``(x_hat, x_int, damp)``; x_int carries no gradient.
+    """Fake quantization returning ``(x_hat, x_int, damp, v)``; x_int and ``v = x / s`` (the
+    unrounded grid position, kept for the scale-flip attribution) carry no gradient.
 
     ``frozen_idx``/``frozen_vals`` (optional; flat indices and their float integers) pin some
     elements: those get no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
@@ -39,6 +51,7 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp):
+        scale = scale.clamp_min(SCALE_EPS)  # straight-through in backward: grad_s goes to the raw scale
         v = x / scale
         v_clip = v.clamp(n, p)
         inside = v_clip == v  # the straight-through mask: n <= v <= p
@@ -65,11 +78,11 @@ class _LSQFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(damp)
         ctx.save_for_backward(v, x_int, scale, inside, resid)
         ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
-        ctx.mark_non_differentiable(x_int)
-        return x_hat, x_int, damp
+        ctx.mark_non_differentiable(x_int, v)
+        return x_hat, x_int, damp, v
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_int, grad_damp):
+    def backward(ctx, grad_out, _grad_int, grad_damp, _grad_v):
         v, x_int, scale, inside, resid = ctx.saved_tensors
         grad_x = grad_out * inside  # also needed for the scale gradient below
         grad_s = None
@@ -108,7 +121,7 @@ def lsq_fake_quant(x, scale, n, p, grad_scale=1.0, frozen=None, frozen_int=None)
     ``frozen`` (bool mask) / ``frozen_int`` pin elements to stored integers.
     """
     idx, vals = frozen_index(frozen, frozen_int)
-    x_hat, x_int, _ = _LSQFunction.apply(x, scale, n, p, grad_scale, idx, vals, False)
+    x_hat, x_int, _, _ = _LSQFunction.apply(x, scale, n, p, grad_scale, idx, vals, False)
     return x_hat, x_int
 
 
@@ -125,6 +138,12 @@ class LSQQuantizer(nn.Module):
         batch_axis: for activations, the batch dimension: LSQ's ``N`` in the gradient scale is
             then the number of features per sample, so the scale's step size does not depend on
             the batch size.
+
+    The scale is calibrated at the first forward unless it was set with ``set_scale`` (assigning
+    ``scale.data`` by hand is overwritten by that calibration). With ``record_forward`` (set by
+    the oscillation tracker on weight quantizers) each gradient-enabled forward keeps
+    ``last_v = x / s`` and ``last_scale`` (references and one tiny copy, no extra pass), so the
+    tracker can tell integer changes caused by the scale from those caused by the weight.
     """
 
     def __init__(
@@ -154,6 +173,9 @@ class LSQQuantizer(nn.Module):
         # -1: decide at calibration, 0: unsigned, 1: signed
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
         self._ready = False  # python-side mirror of `initialized` (avoids a device sync per step)
+        self.record_forward = False
+        self.last_v: torch.Tensor | None = None  # x / s of the latest recorded forward
+        self.last_scale: torch.Tensor | None = None  # the (clamped) scale that forward used
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -208,6 +230,29 @@ class LSQQuantizer(nn.Module):
         self.scale.data.copy_(best.reshape(self.scale.shape))
         self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def set_scale(self, scale, *, signed: bool | None = None) -> None:
+        """Set the scale by hand and mark the quantizer initialized, so the first forward keeps it
+        instead of calibrating over it. ``scale``: a number or a tensor shaped like ``self.scale``;
+        every value must be finite and > ``SCALE_EPS``. ``signed`` is required when the
+        quantizer was built with ``signed=None`` and has not decided its sign yet."""
+        value = torch.as_tensor(scale, dtype=self.scale.dtype, device=self.scale.device)
+        if value.numel() == 1 and self.scale.numel() > 1:
+            value = value.reshape(()).expand(self.scale.shape)
+        if value.shape != self.scale.shape and value.numel() == self.scale.numel():
+            value = value.reshape(self.scale.shape)
+        if value.shape != self.scale.shape:
+            raise ValueError(f"scale must have shape {tuple(self.scale.shape)}, got {tuple(value.shape)}")
+        if not bool(torch.isfinite(value).all()) or bool((value <= SCALE_EPS).any()):
+            raise ValueError(f"scale must be finite and > {SCALE_EPS:g}, got min {float(value.min()):g}")
+        if signed is not None:
+            self.signed_flag.fill_(int(signed))
+        elif int(self.signed_flag) == -1:
+            raise ValueError("this quantizer decides its sign at calibration (signed=None): pass signed=True/False")
+        self.scale.copy_(value)
+        self.initialized.fill_(True)
+        self._ready = False
+
     # forward ------------------------------------------------------------------
     def quantize(self, x, frozen_idx=None, frozen_vals=None):
         """Return ``(x_hat, x_int)``; calibrates on the first call.
@@ -236,7 +281,30 @@ class LSQQuantizer(nn.Module):
             x = x.float()
         if frozen_idx is not None and not x.is_contiguous():
             x = x.contiguous()  # frozen indices address the flat, contiguous layout
-        return _LSQFunction.apply(x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp)
+        x_hat, x_int, damp, v = _LSQFunction.apply(x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp)
+        if self.record_forward and torch.is_grad_enabled():
+            self.last_v, self.last_scale = v, scale.detach().clamp_min(SCALE_EPS)
+        return x_hat, x_int, damp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x)[0]
+
+
+def collapsed_scales(named_quantizers: list[tuple[str, "LSQQuantizer"]]) -> list[tuple[str, float]]:
+    """``(name, smallest scale)`` of every quantizer whose scale is ``<= SCALE_EPS``.
+
+    One concatenation and one reduction over all scales (a single device sync); the names are
+    looked up only when something collapsed. A NaN scale is not a collapse but a diverged run:
+    its next forward gives a NaN loss, which ``NonFiniteLossError`` reports.
+    """
+    if not named_quantizers:
+        return []
+    flat = torch.cat([q.scale.detach().reshape(-1) for _, q in named_quantizers])
+    if bool(flat.min() > SCALE_EPS):  # NaN compares False: falls through to the detailed check
+        return []
+    out = []
+    for name, q in named_quantizers:
+        low = float(q.scale.detach().nan_to_num(nan=float("inf")).min())
+        if low <= SCALE_EPS:
+            out.append((name, low))
+    return out

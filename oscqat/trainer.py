@@ -23,24 +23,32 @@ from oscqat.config import TrainConfig
 from oscqat.cost import model_cost
 from oscqat.dampening import dampening_loss, enable_fused_dampening
 from oscqat.data import DataBundle, build_data
+from oscqat.metrics import METRIC_NAMES  # noqa: F401 - re-exported
 from oscqat.models import create_model
 from oscqat.models.registry import load_state_into, safe_torch_load
 from oscqat.oscillation import OscillationTracker
 from oscqat.quantize import QuantConfig, quantize_model
+from oscqat.quantizer import SCALE_EPS, LSQQuantizer, collapsed_scales
 from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = (
-    "epoch", "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda",
-    "freeze_threshold", "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac",
-    "epoch_time_s", "samples_per_s", "model_size_kb", "bops_g",
-)
 CHECKPOINT_VERSION = 1
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss; the run cannot continue meaningfully."""
+
+
+class QuantizerCollapseError(FloatingPointError):
+    """A learned quantizer scale reached the floor (``<= SCALE_EPS``, i.e. an optimizer step
+    took it to or across 0). Its grid no longer represents the tensor (an unsigned activation
+    grid then passes only zeros or one clipped value), so the run would train at chance
+    without any error; it is ended instead. ``layers`` names the collapsed quantizers."""
+
+    def __init__(self, message: str, layers: list[str]):
+        super().__init__(message)
+        self.layers = layers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +100,7 @@ class Trainer:
             OscillationTracker(self.model, config.osc_momentum, config.track_max_bits) if config.quantized else None
         )
         self.optimizer, self.quant_optimizer = self._build_optimizers()
+        self._quantizers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, LSQQuantizer)]
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
@@ -180,6 +189,7 @@ class Trainer:
             self.optimizer.step()
             if self.quant_optimizer is not None:
                 self.quant_optimizer.step()
+                self._check_scales()
             if self.tracker is not None:
                 self.tracker.step(freeze_threshold=f_th)
             loss_sum += loss.detach() * len(y)
@@ -199,6 +209,23 @@ class Trainer:
             "lr": lr,
             "_samples": seen,
         }
+
+    def _check_scales(self) -> None:
+        """Raise ``QuantizerCollapseError`` when a scale the optimizer just updated is at the floor.
+
+        Criterion: any learned scale ``<= SCALE_EPS`` after a step. A healthy LSQ scale moves by
+        a small fraction of itself per step; reaching 0 means the quantizer learning rate is
+        larger than the scale, and the run that follows is an artefact (the forward stays finite
+        thanks to the clamp, so nothing else would stop it)."""
+        bad = collapsed_scales(self._quantizers)
+        if bad:
+            names = [name for name, _ in bad]
+            shown = ", ".join(f"{name} (scale {low:.3g})" for name, low in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise QuantizerCollapseError(
+                f"quantizer scale collapsed to <= {SCALE_EPS:g} in {shown}{more} at epoch {self.epoch + 1}, "
+                f"step {self.global_step}; quantizer_lr {self.cfg.quantizer_lr:g} is too large for these scales",
+                names)
 
     @torch.no_grad()
     def evaluate(self, loader=None) -> tuple[float, float]:
@@ -238,6 +265,7 @@ class Trainer:
             if saved is not None:  # keep training on running statistics; the final model keeps re-estimated ones
                 self.model.load_state_dict(saved, strict=False)
         osc = self.tracker.summary() if self.tracker is not None else {}
+        scale_flips, flips = self.tracker.pop_flip_stats() if self.tracker is not None else (0, 0)
         self.epoch += 1
         metrics = {
             "epoch": self.epoch,
@@ -253,6 +281,8 @@ class Trainer:
             "osc_frac_depthwise": osc.get("osc_frac_depthwise", 0.0),
             "osc_frac_pointwise": osc.get("osc_frac_pointwise", 0.0),
             "frozen_frac": osc.get("frozen_frac", 0.0),
+            # share of this epoch's integer changes that the scale's motion caused (see oscillation.py)
+            "scale_flip_frac": scale_flips / flips if flips else 0.0,
             "epoch_time_s": time.perf_counter() - start,
             "samples_per_s": train["_samples"] / max(train_time, 1e-9),
             **self.cost(),

@@ -20,16 +20,12 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from oscqat.metrics import SCALAR_METRICS  # noqa: F401 - the one list of metric names
 from search.searcher import redact
 
 log = logging.getLogger(__name__)
 
 TAG = "oscqat."
-SCALAR_METRICS = (
-    "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda", "freeze_threshold",
-    "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac", "epoch_time_s", "samples_per_s",
-    "model_size_kb", "bops_g",
-)
 _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
 
 

@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from oscqat.config import TrainConfig
-from oscqat.trainer import NonFiniteLossError, Trainer
+from oscqat.trainer import NonFiniteLossError, QuantizerCollapseError, Trainer
 
 CHECKPOINT_FILE = "trainer.pt"
 
@@ -60,8 +60,9 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
         _maybe_inject_fault(fault, trainer.epoch + 1, checkpoint is not None, cfg, trainer, before=True)
         try:
             metrics = trainer.run_epoch()
-        except NonFiniteLossError as exc:
-            # Report once and stop: retrying a diverged trial from its checkpoint diverges again.
+        except (NonFiniteLossError, QuantizerCollapseError) as exc:
+            # Report once and stop: retrying a diverged or collapsed trial from its checkpoint
+            # fails again. `failure_reason` makes the searcher record FAIL and MLflow FAILED.
             last = trainer.history[-1] if trainer.history else {}
             tune.report({**last, "epoch": trainer.epoch, "val_top1": 0.0, "failure_reason": str(exc),
                          "max_epochs": cfg.epochs})

@@ -12,7 +12,7 @@ def tiny_train_kwargs(**overrides) -> dict:
     """A small, fast TrainConfig on the built-in digits data (demo net, CPU)."""
     kw = dict(
         arch="demo_net", bits="w3a3", dataset="digits", epochs=2, batch_size=64, optimizer="sgd", lr=0.05,
-        weight_decay=5e-5, quantizer_lr=1e-3, bn_reestimate_batches=5, device="cpu", seed=0,
+        weight_decay=5e-5, quantizer_lr=3e-6, bn_reestimate_batches=5, device="cpu", seed=0,
     )
     kw.update(overrides)
     return kw

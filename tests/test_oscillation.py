@@ -569,3 +569,58 @@ def test_reestimate_bn_changes_eval_output():
         out = model[1](model[0](x))
     assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     assert (out.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------- scale-driven flips
+def test_flip_attribution_separates_scale_moves_from_weight_moves():
+    """Integer changes caused only by the scale count as scale-driven, those caused only by the
+    weights as weight-driven; steps without a recorded forward (hand-fed integers) count nothing."""
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 32, bias=False, weight_bits=4)
+    tracker = OscillationTracker(layer, momentum=0.1, max_bits=4)
+    x = torch.randn(8, 64)
+
+    def train_forward():
+        layer(x).sum().backward()
+        layer.zero_grad()
+        tracker.step()
+
+    train_forward()
+    train_forward()
+    assert tracker.pop_flip_stats() == (0, 0)  # nothing moved
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(1.03)
+    train_forward()
+    scale_driven, total = tracker.pop_flip_stats()
+    assert total > 50 and scale_driven == total
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.3 * float(layer.weight_quantizer.scale))
+    train_forward()
+    scale_driven, total = tracker.pop_flip_stats()
+    assert total > 50 and scale_driven == 0
+    # both at once: a share strictly between 0 and 1
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(1.05)
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.1 * float(layer.weight_quantizer.scale))
+    train_forward()
+    scale_driven, total = tracker.pop_flip_stats()
+    assert 0 < scale_driven < total
+    _feed(tracker, layer, [torch.zeros(32 * 64).tolist(), torch.ones(32 * 64).tolist()])
+    assert tracker.pop_flip_stats() == (0, 0)
+
+
+def test_flip_attribution_per_channel_scales():
+    torch.manual_seed(1)
+    layer = QuantConv2d(4, 6, 3, bias=False, weight_bits=3, per_channel=True)
+    tracker = OscillationTracker(layer, momentum=0.1, max_bits=4)
+    x = torch.randn(2, 4, 8, 8)
+    for _ in range(2):
+        layer(x).sum().backward()
+        tracker.step()
+    tracker.pop_flip_stats()
+    with torch.no_grad():
+        layer.weight_quantizer.scale[2] *= 1.2  # only channel 2's scale moves
+    layer(x).sum().backward()
+    tracker.step()
+    scale_driven, total = tracker.pop_flip_stats()
+    assert total > 0 and scale_driven == total

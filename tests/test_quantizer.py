@@ -243,3 +243,80 @@ def test_state_dict_round_trip_keeps_sign_and_scale():
 def test_invalid_init_rejected():
     with pytest.raises(ValueError):
         LSQQuantizer(4, init="percentile")
+
+
+# ------------------------------------------------------------------------------ positive scales
+@pytest.mark.parametrize("signed", [True, False])
+def test_forward_never_divides_by_a_scale_below_eps(signed):
+    """A scale pushed to or below 0 (as a too-large Adam step does) is clamped at SCALE_EPS in
+    forward; the LSQ gradient still reaches the raw scale (the clamp is straight-through)."""
+    from oscqat.quantizer import SCALE_EPS
+
+    q = LSQQuantizer(4, signed=signed)
+    q.set_scale(0.1)
+    x = torch.randn(1000) * 0.3
+    for bad in (0.0, -0.05):
+        with torch.no_grad():
+            q.scale.fill_(bad)
+        q.scale.grad = None
+        out = q(x)
+        n, p = q.bounds
+        assert torch.isfinite(out).all()
+        # with s = eps everything clips to the grid edge: |x_hat| <= max(|n|, p) * eps
+        assert float(out.abs().max()) <= max(abs(n), p) * SCALE_EPS * (1 + 1e-6)
+        out.sum().backward()
+        assert q.scale.grad is not None and float(q.scale.grad.abs()) > 0
+
+
+def test_collapsed_scales_names_the_quantizers_at_the_floor():
+    from oscqat.quantizer import collapsed_scales
+
+    good, low, nan = LSQQuantizer(4), LSQQuantizer(8, per_channel=True, num_channels=3), LSQQuantizer(4)
+    good.set_scale(0.1)
+    low.set_scale(torch.tensor([0.1, 0.2, 0.3]))
+    nan.set_scale(0.1)
+    named = [("a", good), ("b", low), ("c", nan)]
+    assert collapsed_scales(named) == []
+    with torch.no_grad():
+        low.scale[1] = -1e-3
+        nan.scale.fill_(float("nan"))
+    bad = collapsed_scales(named)
+    assert [name for name, _ in bad] == ["b"]  # NaN is divergence (NonFiniteLossError), not collapse
+    assert bad[0][1] == pytest.approx(-1e-3)
+
+
+# ------------------------------------------------------------------------------ set_scale
+def test_set_scale_survives_the_first_forward_while_a_plain_assignment_does_not():
+    x = torch.randn(4000)
+    plain = LSQQuantizer(4)
+    with torch.no_grad():
+        plain.scale.fill_(0.123)
+    plain(x)
+    assert float(plain.scale) != pytest.approx(0.123)  # calibration overwrote it: why set_scale exists
+    q = LSQQuantizer(4)
+    q.set_scale(0.123)
+    assert bool(q.initialized)
+    out = q(x)
+    assert float(q.scale) == pytest.approx(0.123)
+    torch.testing.assert_close(out, (x / 0.123).round().clamp(-8, 7) * 0.123)
+    # per channel: a tensor of the scale's shape, or one number for all channels
+    pc = LSQQuantizer(4, per_channel=True, num_channels=3)
+    pc.set_scale([0.1, 0.2, 0.3])
+    torch.testing.assert_close(pc.scale.detach(), torch.tensor([0.1, 0.2, 0.3]))
+    pc.set_scale(0.5)
+    torch.testing.assert_close(pc.scale.detach(), torch.full((3,), 0.5))
+
+
+def test_set_scale_rejects_bad_values_and_an_undecided_sign():
+    q = LSQQuantizer(4)
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            q.set_scale(bad)
+    with pytest.raises(ValueError, match="shape"):
+        LSQQuantizer(4, per_channel=True, num_channels=3).set_scale([0.1, 0.2])
+    auto = LSQQuantizer(4, signed=None)
+    with pytest.raises(ValueError, match="signed"):
+        auto.set_scale(0.1)
+    auto.set_scale(0.1, signed=False)
+    assert auto.bounds == (0, 15) and not bool(auto.initialized) is False
+    assert float(auto(torch.tensor([-1.0, 0.26]))[1]) == pytest.approx(0.3)

@@ -73,7 +73,13 @@ def test_paper_recipes_are_starting_points(shipped):
 def test_demo_ranges_suit_a_few_hundred_steps(shipped):
     demo = shipped["demo_net"].resolve("w3a3").params
     assert demo["osc_momentum"].low >= 1e-3 and demo["osc_momentum"].high <= 3e-2
-    assert 1e-4 <= demo["quantizer_lr"].low and demo["quantizer_lr"].high <= 1e-2
+    # quantizer lr: measured to keep integer flips weight-driven (scale_flip_frac, see the header)
+    assert 1e-7 <= demo["quantizer_lr"].low and demo["quantizer_lr"].high <= 3e-5
+    space = shipped["demo_net"]
+    for bits, point in (("w4a4", 1e-6), ("w3a3", 3e-6), ("w2a2", 1e-5), ("w4a8", 1e-6)):
+        resolved = space.resolve(bits)
+        assert all(p["quantizer_lr"] == point for p in resolved.starting_points), bits
+        assert resolved.params["quantizer_lr"].high < 1e-3  # 8-bit scales are ~1e-3: Adam must not cross 0
     assert 0.005 <= demo["lr"].low and demo["lr"].high <= 0.2
 
 

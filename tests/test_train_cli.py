@@ -137,3 +137,12 @@ def test_submodules_resolve_after_a_plain_import():
             "try:\n    oscqat.no_such_thing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_collapsed_quantizer_fails_naming_the_layer(tmp_path):
+    cfg = _config(tmp_path, quantizer_lr=0.05, epochs=2)
+    result = runner.invoke(app, ["train", str(cfg), "--json"])
+    assert result.exit_code == 1, result.output
+    assert "collapsed" in result.stderr and "classifier." in result.stderr and "_quantizer" in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""  # no half-written JSON

@@ -122,3 +122,45 @@ def test_absurd_learning_rate_raises_non_finite_loss():
     with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
         trainer.run_epoch()
     assert trainer.global_step < trainer.steps_per_epoch
+
+
+def test_quantizer_lr_0_05_on_the_demo_w3a3_config_fails_loudly_or_learns():
+    """Adam at 0.05 takes the 8-bit classifier scales (~0.005) across 0 at the first step; before
+    the floor check that run trained to chance (8.6%) without any error."""
+    from oscqat import QuantizerCollapseError
+
+    cfg = TrainConfig.from_yaml(DEMO_CONFIG, quantizer_lr=0.05, device="cpu")
+    assert cfg.bits == "w3a3"
+    trainer = Trainer(cfg)
+    try:
+        history = trainer.fit()
+    except QuantizerCollapseError as exc:
+        assert exc.layers and all(name.endswith("_quantizer") for name in exc.layers)
+        assert exc.layers[0] in str(exc) and "quantizer_lr 0.05" in str(exc)
+        # the forward never saw a scale <= eps: evaluation after the collapse stays finite
+        loss, _ = trainer.evaluate()
+        assert loss == loss
+    else:
+        assert history[-1]["val_top1"] > 0.5, history[-1]
+
+
+def test_scale_at_the_floor_ends_the_run_naming_the_layer():
+    from oscqat import QuantizerCollapseError
+
+    trainer = Trainer(TrainConfig(**tiny_train_kwargs(epochs=1)))
+    trainer.model(next(iter(trainer.data.train))[0])  # calibrate
+    q = trainer.model.get_submodule("classifier.input_quantizer")
+    with torch.no_grad():
+        q.scale.fill_(-1e-3)
+    with pytest.raises(QuantizerCollapseError, match="classifier.input_quantizer") as info:
+        trainer.run_epoch()
+    assert "classifier.input_quantizer" in info.value.layers
+    assert trainer.global_step == 0
+
+
+def test_scale_flip_frac_is_reported_and_low_at_the_demo_quantizer_lr():
+    trainer = Trainer(TrainConfig.from_yaml(DEMO_CONFIG, epochs=2, device="cpu"))
+    history = trainer.fit()
+    for m in history:
+        assert 0.0 <= m["scale_flip_frac"] <= 1.0
+    assert history[-1]["scale_flip_frac"] < 0.5, history  # oscillations are the weights' own

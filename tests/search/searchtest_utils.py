@@ -31,14 +31,16 @@ from proc_utils import kill_pids, pids_using  # noqa: F401 - re-exported
 import yaml
 
 START_POINTS = {  # name -> values; "collapse" ends at ~10-20% top-1, the good ones at ~70-90% after 1 epoch
-    "good-lsq": {"method": "lsq", "lr": 0.03, "weight_decay": 5e-5, "quantizer_lr": 1e-3},
-    "good-dampen": {"method": "dampen", "lr": 0.03, "weight_decay": 5e-5, "quantizer_lr": 1e-3, "dampen_lambda": 0.1},
-    "collapse": {"method": "lsq", "lr": 0.5, "weight_decay": 1.0, "quantizer_lr": 1e-3},
+    "good-lsq": {"method": "lsq", "lr": 0.03, "weight_decay": 5e-5, "quantizer_lr": 1e-5},
+    "good-dampen": {"method": "dampen", "lr": 0.03, "weight_decay": 5e-5, "quantizer_lr": 1e-5, "dampen_lambda": 0.1},
+    "collapse": {"method": "lsq", "lr": 0.5, "weight_decay": 1.0, "quantizer_lr": 1e-5},
+    # Adam at 0.05 takes the 8-bit classifier scales across 0 at the first step: QuantizerCollapseError
+    "scale-collapse": {"method": "lsq", "lr": 0.03, "weight_decay": 5e-5, "quantizer_lr": 0.05},
 }
 SPACE_PARAMS = {
     "lr": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
     "weight_decay": {"type": "float", "low": 1e-5, "high": 1.0, "log": True},
-    "quantizer_lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "quantizer_lr": {"type": "float", "low": 1e-6, "high": 1e-4, "log": True},
     "method": {"type": "categorical", "choices": ["lsq", "dampen"]},
     "dampen_lambda": {"type": "float", "low": 0.01, "high": 1.0, "log": True, "when": {"method": ["dampen"]}},
 }
