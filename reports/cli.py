@@ -35,22 +35,22 @@ def _user_errors():
 
     from oscqat.config import ConfigError
     from reports.store import ReportError
+    from search.uris import install_log_redaction, redact
 
+    install_log_redaction()
     try:
         yield
     except ReportError as exc:
-        raise fail(str(exc), exc.code) from None
+        raise fail(redact(str(exc)), exc.code) from None
     except ConfigError as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(redact(str(exc)), 2) from None
     except MlflowException as exc:
-        raise fail(f"MLflow: {str(exc).splitlines()[0][:400]}", 1) from None
+        raise fail(f"MLflow: {redact(str(exc)).splitlines()[0][:400]}", 1) from None
     except Exception as exc:  # noqa: BLE001 - database/network failures of the backends
         import requests
         import sqlalchemy.exc
 
         if isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, requests.RequestException, OSError)):
-            from search.searcher import redact
-
             raise fail(f"backend failure: {exc.__class__.__name__}: {redact(str(exc)).splitlines()[0][:400]}", 1) from None
         raise
 

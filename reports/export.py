@@ -16,7 +16,7 @@ import yaml
 from oscqat.config import ConfigError, TrainConfig, format_validation_error
 from reports.header import HEADER_PREFIX, SOURCE_KEY
 from reports.store import CampaignStore, ReportError, TrialRecord, absolute_uri
-from search.searcher import redact
+from search.uris import redact
 from search.tracking import TAG
 
 

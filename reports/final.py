@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from reports.header import SOURCE_KEY, parse_source, read_header
+from search.uris import redact
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"  # in --out: lets a resumed final training continue the same run
@@ -53,7 +54,7 @@ class FinalRunLogger:
             fn()
             return True
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            log.warning("MLflow: could not %s (%s: %s)", what, exc.__class__.__name__, str(exc).splitlines()[0][:200])
+            log.warning("MLflow: could not %s (%s: %s)", what, exc.__class__.__name__, redact(str(exc)).splitlines()[0][:200])
             return False
 
     def start(self, cfg) -> str | None:
@@ -173,7 +174,7 @@ def train_from_export(config: Path, epochs: int | None, as_json: bool, out: Path
         raise
     except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as exc:  # incl. NonFiniteLossError
         logger.finish("FAILED", cfg, state.get("trainer"))
-        raise fail(f"{config}: {exc}", code=1)
+        raise fail(redact(f"{config}: {exc}"), code=1)
     logger.finish("FINISHED", cfg, trainer)
     if as_json:
         sys.stdout.write(json.dumps({"epochs": history, "final": history[-1], "mlflow_run_id": logger.run_id}) + "\n")

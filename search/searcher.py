@@ -9,13 +9,14 @@ attribute so Optuna trials map back to Tune trials and MLflow runs.
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
 from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+
+from search import uris
+from search.uris import redact  # noqa: F401 - re-exported for older imports
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,19 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     ``journal:///path`` is Optuna's append-only journal file, the fastest for large campaigns;
     any other SQLAlchemy URL (postgresql://, mysql://) goes to ``RDBStorage`` as it is.
     """
-    if url.startswith("journal:///"):
+    journal = uris.journal_file(url)
+    if uris.MASK in url:
+        return _MaskedRDBStorage(url)
+    if journal is not None:
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(url.removeprefix("journal:///")).expanduser().resolve()
+        path = journal.resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    if uris.is_sqlite(url):
+        db = uris.sqlite_file(url)
+        if db is not None:
+            db.resolve().parent.mkdir(parents=True, exist_ok=True)
         return SqliteStorage(url, heartbeat_interval=None)
     return optuna.storages.RDBStorage(url, heartbeat_interval=None)
 
@@ -52,14 +58,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 def storage_exists(url: str) -> bool:
     """False only for a file storage (``sqlite:///``, ``journal:///``) whose file is missing, so
     read-only commands can say "no trials yet" instead of creating an empty database."""
-    if url.startswith("journal:///"):
-        return Path(url.removeprefix("journal:///")).expanduser().is_file()
-    if url.startswith("sqlite"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(url).database  # drops ?timeout=... and knows sqlite+pysqlite://
-        return not database or database == ":memory:" or Path(database).expanduser().is_file()
-    return True
+    return uris.store_exists(url)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -94,6 +93,24 @@ class SqliteStorage(optuna.storages.RDBStorage):
         self.engine.dispose()  # connections opened while creating the tables lack the pragmas
 
 
+class _MaskedRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage on a URI whose credentials are kept out of pickles (Tune's searcher state)."""
+
+    def __init__(self, masked_url: str):
+        super().__init__(uris.reveal(masked_url), heartbeat_interval=None)
+        self._masked_url = masked_url
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["url"] = self._masked_url
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state["url"] = uris.reveal(state["url"])
+        super().__setstate__(state)
+
+
 class StateAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that records ASHA-stopped trials as PRUNED and failed ones as FAIL."""
 
@@ -126,7 +143,7 @@ class StateAwareOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr("failure_reason", str(result["failure_reason"])[:500])
             self._ot_study.tell(ot_trial, None, state=state)
         except Exception as exc:  # noqa: BLE001 - keep the campaign going, but say why
-            log.warning("could not record trial %s as %s in Optuna: %s", trial_id, state.name, exc)
+            log.warning("could not record trial %s as %s in Optuna: %s", trial_id, state.name, redact(str(exc)))
         self._completed_trials.add(trial_id)
 
     def _report_last(self, trial_id: str, result: dict | None) -> None:
@@ -184,19 +201,3 @@ def fail_orphaned_trials(storage_url: str, study_name: str, known_trial_ids: set
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         count += 1
     return count
-
-
-_SECRET_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-# a bare token as the user part of an http(s) URI: https://TOKEN@host
-_TOKEN_USER = re.compile(r"(?P<scheme>https?://)(?P<tok>[^:/@\s]{16,})@")
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&](?:[A-Za-z0-9_.-]*(?:token|secret|password|passwd|pwd|key|signature|credential)[A-Za-z0-9_.-]*))="
-    r"(?P<val>[^&#\s]+)", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Hide credentials in URIs: ``user:pw@`` passwords, bare ``https://TOKEN@`` tokens and
-    secret-looking query parameters (``?token=...``, ``&X-Amz-Signature=...``)."""
-    text = _SECRET_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    text = _TOKEN_USER.sub(lambda m: f"{m['scheme']}***@", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['key']}=***", text)

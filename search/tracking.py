@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from search.searcher import redact
+from search.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,13 @@ _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "a
 
 
 def client_for(uri: str):
+    """An MlflowClient; a masked URI (``user:***@``, as stored in files) gets its credentials back
+    from this process or the environment (``search.uris.reveal``)."""
     from mlflow.tracking import MlflowClient
 
+    from search.uris import reveal
+
+    uri = reveal(uri)
     if uri.startswith(("http://", "https://")):
         # MLflow's defaults retry a refused connection for ~4 minutes per request: that would stall
         # the Tune driver on every event while a server is down (the callback buffers and retries
