@@ -327,7 +327,9 @@ def run_campaign(campaign: Campaign, address: str | None = None) -> list[TargetR
     from search import preflight
 
     campaign_dir = campaign.campaign_dir()
-    _refuse_existing(campaign, campaign_dir)
+    if (campaign_dir / CAMPAIGN_FILE).exists():
+        with _locked(campaign_dir, campaign.name):  # a live driver: say so rather than "already exists"
+            _refuse_existing(campaign, campaign_dir)
     campaign = _absolute_stores(campaign)
     spaces = _resolve_spaces(campaign)
     preflight.check_before_writing(campaign)
