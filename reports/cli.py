@@ -35,14 +35,14 @@ def _user_errors():
 
     from oscqat.config import ConfigError
     from reports.store import ReportError
-    from search.uris import install_log_redaction, redact
+    from search.uris import CredentialsMissing, install_log_redaction, redact
 
     install_log_redaction()
     try:
         yield
     except ReportError as exc:
         raise fail(redact(str(exc)), exc.code) from None
-    except ConfigError as exc:
+    except (ConfigError, CredentialsMissing) as exc:
         raise fail(redact(str(exc)), 2) from None
     except MlflowException as exc:
         raise fail(f"MLflow: {redact(str(exc)).splitlines()[0][:400]}", 1) from None
@@ -97,6 +97,7 @@ def export(
     rank: int = typer.Option(1, "--rank", min=1, help="1 = best COMPLETE trial by final val_top1, 2 = runner-up, ..."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="epochs of the final training (default: the trial's)"),
     no_log: bool = typer.Option(False, "--no-log", help="don't log the file on the parent run / tag the trial run"),
+    force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
     tracking_uri: Optional[str] = TRACKING_OPT,
     optuna_storage: Optional[str] = OPTUNA_OPT,
 ) -> None:
@@ -105,7 +106,7 @@ def export(
 
     with _user_errors():
         store = _open(campaign, tracking_uri, optuna_storage)
-        res = export_trial(store, target, out, rank=rank, epochs=epochs, log=not no_log)
+        res = export_trial(store, target, out, rank=rank, epochs=epochs, log=not no_log, overwrite=force)
     err_console.print(f"exported trial {res.trial.trial_id} ({res.trial.method}, val_top1 {res.trial.val_top1:.4f}, "
                       f"rank {rank}) of {store.target(target).label} -> {res.path}"
                       + (f"; logged on parent run {res.parent_run_id}" if res.logged else ""), highlight=False)

@@ -71,8 +71,13 @@ def header_lines(store: CampaignStore, target, rec: TrialRecord, rank: int, pare
 
 
 def export_trial(store: CampaignStore, target_label: str, out: Path, rank: int = 1, epochs: int | None = None,
-                 log: bool = True) -> ExportResult:
-    """Write the rank-th best COMPLETE trial's config to ``out``; log it on the target's parent run."""
+                 log: bool = True, overwrite: bool = False) -> ExportResult:
+    """Write the rank-th best COMPLETE trial's config to ``out``; log it on the target's parent run.
+    An existing ``out`` is refused (exit 2) unless ``overwrite``: it may be someone's edited config."""
+    out = Path(out)
+    if out.exists() and (not overwrite or not out.is_file()):
+        raise ReportError(f"--out {out} already exists" + ("" if out.is_file() else " and is not a file")
+                          + "; pick another path or pass --force to overwrite it", code=2)
     target = store.target(target_label)
     ranked = store.ranked(target)
     if not ranked:

@@ -135,6 +135,9 @@ def status(name_or_path: str = typer.Argument(..., help="campaign name, director
     except CampaignError as exc:
         raise _fail(str(exc), code=1)
     state = read_state(campaign_dir)
-    results = [target_result(campaign, t) for t in campaign.targets]
+    try:
+        results = [target_result(campaign, t) for t in campaign.targets]
+    except ValueError as exc:  # a masked store URI whose credentials the environment lacks
+        raise _fail(str(exc))
     statuses = [state["targets"].get(t.label, {}).get("status", "pending") for t in campaign.targets]
     console.print(_results_table(results, f"campaign {campaign.name} ({campaign_dir})", statuses))

@@ -226,3 +226,20 @@ def test_store_identity_detects_deletion_and_replacement(tmp_path):
     other.rename(db)  # another file put in its place (a fresh or foreign history)
     with pytest.raises(StoreChanged, match="replaced"):
         check_stores(stores)
+
+
+# ---------------------------------------------------------------------------- report export
+def test_export_refuses_to_overwrite_without_force(tmp_path):
+    """``report export --out FILE`` overwrote (and uploaded) an existing file silently; checked before
+    the store is even read (the full CLI round trip is in tests/reports/test_reports_export.py)."""
+    from reports.export import export_trial
+    from reports.store import ReportError
+
+    out = tmp_path / "best.yaml"
+    out.write_text("# my edited config\n")
+    with pytest.raises(ReportError) as info:
+        export_trial(None, "demo_net/w4a4", out)
+    assert info.value.code == 2 and "--force" in str(info.value)
+    assert out.read_text() == "# my edited config\n"
+    with pytest.raises(ReportError, match="not a file"):
+        export_trial(None, "demo_net/w4a4", tmp_path, overwrite=True)
