@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from oscqat.config import ConfigError
 from search.campaign import Campaign, Target, load_campaign
 from search import uris
 from search.uris import redact
@@ -468,11 +469,24 @@ def _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address, 
                     finally:
                         signals.reset_tune_handler()
                 results.append(target_result(campaign, target))
+            if state.pop("interrupted", None) is not None:
+                write_state(campaign_dir, state)
         except (signals.CampaignInterrupted, KeyboardInterrupt, StoreChanged) as exc:
             _mark_interrupted(campaign, campaign_dir, state, exc)
             if isinstance(exc, StoreChanged):
                 raise CampaignError(str(exc)) from None
             raise signals.CampaignInterrupted(signals.interrupted() or 2) from None
+        except (CampaignError, ConfigError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend or the disk failed under the campaign
+            # (a full disk under storage_path, the Optuna storage read-only/locked/unreachable): stop
+            # with one clear line, leave the target resumable and its runs marked, no traceback
+            why = f"{exc.__class__.__name__}: {redact(str(exc)).splitlines()[0][:300] if str(exc) else ''}"
+            log.debug("campaign stopped", exc_info=True)
+            _mark_interrupted(campaign, campaign_dir, state, RuntimeError(f"stopped by an error: {why}"))
+            raise CampaignError(f"campaign {campaign.name!r} stopped: {why}. Nothing was marked done that is "
+                                f"not; fix the cause (disk space, store access) and run "
+                                f"`oscqat search resume {campaign.name}`") from None
     return results
 
 
@@ -484,9 +498,12 @@ def _mark_interrupted(campaign: Campaign, campaign_dir: Path, state: dict, exc: 
     still-RUNNING child runs become KILLED with ``oscqat.interrupted`` (resume reopens them)."""
     from search.tracking import client_for
 
-    reason = str(exc) or exc.__class__.__name__
+    reason = (str(exc) or exc.__class__.__name__)[:500]
     state["interrupted"] = reason
-    write_state(campaign_dir, state)
+    try:
+        write_state(campaign_dir, state)
+    except OSError as exc2:  # the disk may be the fault; state.json still says `running`
+        log.warning("could not record the stop in %s: %s", STATE_FILE, exc2)
     try:
         client = client_for(campaign.mlflow.tracking_uri)
         for tstate in state["targets"].values():

@@ -243,3 +243,49 @@ def test_export_refuses_to_overwrite_without_force(tmp_path):
     assert out.read_text() == "# my edited config\n"
     with pytest.raises(ReportError, match="not a file"):
         export_trial(None, "demo_net/w4a4", tmp_path, overwrite=True)
+
+
+# ---------------------------------------------------------------------------- faults under a running campaign
+def _fault_under_target(tmp_path, monkeypatch, fault: BaseException):
+    """_run_targets with the target's bookkeeping done (parent run, state ``running``) and then ``fault``
+    raised where Tune's fit() would raise it; Ray is not started."""
+    from search import runner
+    from search.campaign import Campaign
+    from search.tracking import client_for, ensure_parent_run, get_or_create_experiment
+
+    monkeypatch.chdir(tmp_path)
+    camp = runner._absolute_stores(Campaign.model_validate({**CAMPAIGN, "storage_path": str(tmp_path / "rr")}))
+    camp_dir = camp.campaign_dir()
+    camp_dir.mkdir(parents=True)
+    client = client_for(camp.mlflow.tracking_uri)
+    exp = get_or_create_experiment(client, camp.experiment_name)
+
+    def fake_run_target(campaign, target, space, campaign_dir, experiment_id, state, resume):
+        parent = ensure_parent_run(client, experiment_id, campaign.name, target, {})
+        child = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+        state["targets"][target.label] = {"parent_run_id": parent, "experiment_id": experiment_id,
+                                          "status": "running", "child": child}
+        runner.write_state(campaign_dir, state)
+        raise fault
+
+    monkeypatch.setattr(runner, "init_ray", lambda address: None)
+    monkeypatch.setattr(runner, "_run_target", fake_run_target)
+    state = {"targets": {}, "stores": runner._store_identities(camp)}
+    with pytest.raises(runner.CampaignError) as info:
+        runner._run_targets(camp, {"demo_net/w4a4": None}, camp_dir, exp, state, None, False)
+    saved = runner.read_state(camp_dir)["targets"]["demo_net/w4a4"]
+    return str(info.value), saved, client
+
+
+@pytest.mark.parametrize("fault, shown", [
+    (OSError(28, "No space left on device"), "No space left on device"),  # a full disk under storage_path
+    (__import__("sqlalchemy").exc.OperationalError("UPDATE trials", {}, Exception("database is locked")),
+     "database is locked"),  # the Optuna storage locked / read-only mid-campaign
+])
+def test_backend_or_disk_failure_mid_campaign_stops_cleanly(fault, shown, tmp_path, monkeypatch):
+    message, saved, client = _fault_under_target(tmp_path, monkeypatch, fault)
+    assert shown in message and "oscqat search resume g" in message and "Traceback" not in message
+    assert saved["status"] == "running"  # resumable, not done
+    for run_id in (saved["parent_run_id"], saved["child"]):  # not left RUNNING silently
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and shown in run.data.tags["oscqat.interrupted"]
