@@ -44,18 +44,21 @@ class CampaignLock:
 
     def acquire(self) -> "CampaignLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse()
+            try:  # the owner removes the file as it releases: a lock on a removed file holds nothing
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            owner = read_lock(self.path.parent) or {}
-            raise CampaignLocked(
-                f"campaign {self.name!r} is already being run by another driver (pid {owner.get('pid', '?')} on "
-                f"{owner.get('host', '?')}, since {owner.get('started', '?')}: {owner.get('command', '?')}); "
-                f"wait for it to finish or stop it (Ctrl+C), then `oscqat search resume {self.name}`") from None
         previous = os.read(fd, 65536).decode(errors="replace").strip()
-        if previous:
+        if previous:  # left by a driver that died holding it (the kernel released its flock)
             try:
                 self.stale = json.loads(previous)
             except json.JSONDecodeError:
@@ -69,11 +72,18 @@ class CampaignLock:
         self._fd = fd
         return self
 
+    def _refuse(self) -> None:
+        owner = read_lock(self.path.parent) or {}
+        raise CampaignLocked(
+            f"campaign {self.name!r} is already being run by another driver (pid {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}, since {owner.get('started', '?')}: {owner.get('command', '?')}); "
+            f"wait for it to finish or stop it (Ctrl+C), then `oscqat search resume {self.name}`") from None
+
     def release(self) -> None:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)  # an empty lock file: no owner
+            self.path.unlink(missing_ok=True)  # while still held: a waiting driver re-checks the inode
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

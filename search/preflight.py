@@ -86,6 +86,18 @@ def check_no_credentials(campaign: Campaign) -> None:
                               f"(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or the store's credential file")
 
 
+def local_resources() -> dict[str, float]:
+    """What a local ``ray.init()`` will offer: the CPUs this process may use, the visible GPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no CUDA runtime: no GPUs
+        gpus = 0
+    return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
 def check_before_writing(campaign: Campaign) -> None:
     """The checks that need no Ray and no store."""
     check_no_credentials(campaign)

@@ -334,15 +334,17 @@ def run_campaign(campaign: Campaign, address: str | None = None) -> list[TargetR
     campaign = _absolute_stores(campaign)
     spaces = _resolve_spaces(campaign)
     preflight.check_before_writing(campaign)
+    if not (address or campaign.ray_address):  # the local Ray to be started: known without starting it
+        preflight.check_resources(campaign, preflight.local_resources())
     created = next((p for p in reversed((campaign_dir, *campaign_dir.parents)) if not p.exists()), None)
     written = False
     try:
         with _locked(campaign_dir, campaign.name):
             _refuse_existing(campaign, campaign_dir)  # another driver may have finished meanwhile
+            _check_studies_unused(campaign)
+            experiment_id = check_backends(campaign)  # before Ray: a dead backend fails in seconds
             init_ray(address or campaign.ray_address)
             preflight.check_resources(campaign, _cluster_resources())
-            _check_studies_unused(campaign)
-            experiment_id = check_backends(campaign)
             (campaign_dir / CAMPAIGN_FILE).write_text(yaml.safe_dump(campaign.model_dump(mode="json"), sort_keys=False))
             written = True
             state = {"targets": {}, "address": address, "stores": _store_identities(campaign)}
@@ -367,9 +369,9 @@ def resume_campaign(name_or_path: str, address: str | None = None) -> list[Targe
         preflight.check_before_writing(campaign)
         state = read_state(campaign_dir)
         check_stores(state.get("stores", {}))  # a deleted/replaced store: stop before Optuna makes a new one
+        experiment_id = check_backends(campaign)
         init_ray(address or campaign.ray_address)
         preflight.check_resources(campaign, _cluster_resources())
-        experiment_id = check_backends(campaign)
         return _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address or campaign.ray_address,
                             True)
 

@@ -165,18 +165,34 @@ def test_unsatisfiable_resources_are_refused(resources, field):
 
 
 def test_resources_are_checked_before_the_campaign_is_written(tmp_path, monkeypatch):
-    """run_campaign asks Ray what it has before it writes campaign.yaml or a store."""
+    """Local Ray: refused before anything is written or started (`resources: {gpu: 1}` hung forever)."""
+    import ray
+
+    from oscqat.config import ConfigError
+    from search import preflight, runner
+    from search.campaign import Campaign
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    camp = Campaign.model_validate({**CAMPAIGN, "resources": {"gpu": 1}})
+    with pytest.raises(ConfigError, match="resources.gpu"):
+        runner.run_campaign(camp)
+    assert os.listdir(tmp_path) == [] and not ray.is_initialized()
+
+
+def test_cluster_resources_are_checked_before_the_campaign_is_written(tmp_path, monkeypatch):
+    """A Ray cluster (--address): asked right after ray.init, before campaign.yaml; the folder goes again."""
     from oscqat.config import ConfigError
     from search import runner
     from search.campaign import Campaign
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(runner, "init_ray", lambda address: None)
-    monkeypatch.setattr(runner, "_cluster_resources", lambda: {"CPU": 2.0})
-    camp = Campaign.model_validate({**CAMPAIGN, "resources": {"gpu": 1}})
-    with pytest.raises(ConfigError, match="resources.gpu"):
-        runner.run_campaign(camp)
-    assert os.listdir(tmp_path) == []  # not even the campaign folder
+    monkeypatch.setattr(runner, "_cluster_resources", lambda: {"CPU": 8.0})
+    camp = Campaign.model_validate({**CAMPAIGN, "resources": {"cpu": 1024}, "storage_path": str(tmp_path / "rr")})
+    with pytest.raises(ConfigError, match="resources.cpu"):
+        runner.run_campaign(camp, address="ray://head:10001")
+    assert not (tmp_path / "rr").exists()
 
 
 # ---------------------------------------------------------------------------- input files
