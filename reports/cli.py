@@ -169,9 +169,10 @@ def sync(
         store = _open(campaign, tracking_uri, optuna_storage)
         summaries = sync_campaign(store)
     table = Table(title=f"campaign {store.campaign.name}: MLflow backfilled from Ray results")
-    for col in ("target", "trials seen", "runs created", "epochs logged", "states set", "artifacts logged"):
+    for col in ("target", "trials seen", "runs created", "epochs logged", "states set", "artifacts logged",
+                "parent finished"):
         table.add_column(col, min_width=14 if col == "target" else None)
     for s in summaries:
         table.add_row(s.target, *(str(v) for v in (s.trials_seen, s.runs_created, s.epochs_logged, s.states_set,
-                                                    s.artifacts_logged)))
+                                                    s.artifacts_logged)), "yes" if s.parent_finished else "-")
     console.print(table)
