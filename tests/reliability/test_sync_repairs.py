@@ -76,3 +76,17 @@ def test_sync_finishes_the_parent_and_completes_the_oscillation_history(tmp_path
     assert [h["epoch"] for h in json.loads(Path(path).read_text())] == [1, 2]
     (again,) = sync_campaign(CampaignStore(camp_dir, camp))  # nothing left to repair
     assert not again.parent_finished and again.artifacts_logged == 0
+
+
+def test_driver_fills_the_oscillation_history_from_ray_results(tmp_path):
+    """After a resume the callback held only post-resume epochs; the trial's result.json has them all."""
+    from types import SimpleNamespace
+
+    from search.tracking import complete_osc_history
+
+    lines = [{"epoch": e, "layer_osc": json.dumps({"conv1": 0.01 * e})} for e in (1, 2, 3)]
+    (tmp_path / "result.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    held = [{"epoch": 3, "layers": {"conv1": 0.03}}]  # what the restarted driver saw
+    out = complete_osc_history(SimpleNamespace(path=str(tmp_path)), held)
+    assert [h["epoch"] for h in out] == [1, 2, 3] and out[0]["layers"] == {"conv1": 0.01}
+    assert complete_osc_history(SimpleNamespace(path="s3://bucket/x"), held) == held  # remote: unchanged
