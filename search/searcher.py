@@ -130,7 +130,44 @@ class StateAwareOptunaSearch(OptunaSearch):
         self._suggested += 1
         return config
 
+    # A trial recorded FAIL that Tune later resumes (``resume_errored``) trains on, but Optuna cannot
+    # reopen a finished trial: its results were dropped ("additional result ... already finished") and
+    # it stayed FAIL while MLflow said COMPLETE. Its new outcome goes into a new Optuna trial with the
+    # same params, Tune trial id and all intermediate values (reports take the newest per trial id).
+    def _failed(self) -> set:
+        if not hasattr(self, "_failed_ids"):  # searcher state pickled before this attribute existed
+            self._failed_ids = set()
+            self._revived_values = {}
+        return self._failed_ids
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in self._completed_trials and trial_id in self._failed():
+            if self.metric in result:
+                step = int(result.get("training_iteration", result.get("epoch", 0)))
+                self._revived_values.setdefault(trial_id, {})[step] = float(result[self.metric])
+            return
+        super().on_trial_result(trial_id, result)
+
+    def _record_revived(self, trial_id: str, result: dict | None, state: TrialState) -> None:
+        old = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        values = {**old.intermediate_values, **self._revived_values.pop(trial_id, {})}
+        if result and self.metric in result and not result.get("failure_reason"):
+            values[int(result.get("training_iteration", result.get("epoch", 0)))] = float(result[self.metric])
+        value = float(result[self.metric]) if state is TrialState.COMPLETE else None
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params=old.params, distributions=old.distributions,
+            user_attrs={**old.user_attrs, "resumed_after_fail": old.number}, intermediate_values=values))
+        self._failed_ids.discard(trial_id)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self._completed_trials and trial_id in self._failed():
+            state = trial_state(result, error, self._max_epochs)
+            if state is not TrialState.FAIL:
+                try:
+                    self._record_revived(trial_id, result, state)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not record resumed trial %s in Optuna: %s", trial_id, redact(str(exc)))
+            return
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         state = trial_state(result, error, self._max_epochs)
@@ -142,6 +179,8 @@ class StateAwareOptunaSearch(OptunaSearch):
             if state is TrialState.FAIL and result and result.get("failure_reason"):
                 ot_trial.set_user_attr("failure_reason", str(result["failure_reason"])[:500])
             self._ot_study.tell(ot_trial, None, state=state)
+            if state is TrialState.FAIL:
+                self._failed().add(trial_id)
         except Exception as exc:  # noqa: BLE001 - keep the campaign going, but say why
             log.warning("could not record trial %s as %s in Optuna: %s", trial_id, state.name, redact(str(exc)))
         self._completed_trials.add(trial_id)
