@@ -125,10 +125,48 @@ class StateAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
             ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
-            if self._suggested < len(self._start_point_names):
-                ot_trial.set_user_attr(START_POINT_ATTR, self._start_point_names[self._suggested])
+            name = self._start_point_name(ot_trial)
+            if name:
+                ot_trial.set_user_attr(START_POINT_ATTR, name)
         self._suggested += 1
         return config
+
+    def _start_point_name(self, ot_trial) -> str | None:
+        """The starting point this trial was enqueued as, by its fixed params (not by a count of
+        suggestions: after a driver restart the restored count lags Optuna, which moved labels)."""
+        fixed = self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id).get("fixed_params")
+        if not fixed:
+            return None
+        for name, point in zip(self._start_point_names, self._points_to_evaluate or []):
+            if all(fixed.get(k) == v for k, v in point.items()):
+                return name
+        return None
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self.recover_orphans()
+
+    def recover_orphans(self) -> int:
+        """After a driver restart: Optuna trials the dead driver asked for but Tune's snapshot does not
+        know are FAIL ("orphaned"); a starting point among them is enqueued again, so the recipe
+        still trains (before, it ended FAIL and its label moved to a TPE-sampled trial)."""
+        known = {t._trial_id for t in self._ot_trials.values()}
+        storage = self._ot_study._storage
+        count = 0
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id in known:
+                continue
+            storage.set_trial_user_attr(t._trial_id, "failure_reason",
+                                        "orphaned: the driver stopped before Tune saved this trial")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            fixed = t.system_attrs.get("fixed_params")
+            if fixed:
+                self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
+            count += 1
+        if count:
+            log.warning("%d Optuna trial(s) asked by the stopped driver were marked FAIL; starting points among "
+                        "them were enqueued again", count)
+        return count
 
     # A trial recorded FAIL that Tune later resumes (``resume_errored``) trains on, but Optuna cannot
     # reopen a finished trial: its results were dropped ("additional result ... already finished") and
