@@ -107,13 +107,20 @@ def init_ray(address: str | None) -> None:
     else:
         # local instance: reachable from this machine only, its session files (logs with each
         # worker's environment) readable by this user only
-        ray.init(_node_ip_address="127.0.0.1", _temp_dir=str(private_ray_temp_dir()), **kwargs)
+        temp_dir = private_ray_temp_dir()
+        ray.init(_node_ip_address="127.0.0.1", **({"_temp_dir": str(temp_dir)} if temp_dir else {}), **kwargs)
 
 
-def private_ray_temp_dir() -> Path:
-    """``$TMPDIR/oscqat-ray-<uid>``, mode 0700 (Ray's default ``/tmp/ray`` is world-readable)."""
+def private_ray_temp_dir() -> Path | None:
+    """``$TMPDIR/oscqat-ray-<uid>`` (or ``OSCQAT_RAY_TMPDIR``), mode 0700: Ray's default ``/tmp/ray``
+    is world-readable. A ``RAY_TMPDIR`` the user set is Ray's to use (None), made private if ours."""
     import tempfile
 
+    if os.environ.get("RAY_TMPDIR") and not os.environ.get("OSCQAT_RAY_TMPDIR"):
+        path = Path(os.environ["RAY_TMPDIR"])
+        if path.is_dir() and path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
+        return None
     path = Path(os.environ.get("OSCQAT_RAY_TMPDIR") or Path(tempfile.gettempdir()) / f"oscqat-ray-{os.getuid()}")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.stat().st_uid != os.getuid():

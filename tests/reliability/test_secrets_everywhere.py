@@ -250,6 +250,12 @@ def test_local_ray_binds_localhost_with_a_private_temp_dir(monkeypatch, tmp_path
     assert seen["_node_ip_address"] == "127.0.0.1" and seen["include_dashboard"] is False
     mode = stat.S_IMODE(os.stat(seen["_temp_dir"]).st_mode)
     assert mode == 0o700, oct(mode)
+    seen.clear()  # a RAY_TMPDIR the user chose is Ray's to use, made private
+    monkeypatch.delenv("OSCQAT_RAY_TMPDIR")
+    (tmp_path / "mine").mkdir(mode=0o755)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "mine"))
+    runner.init_ray(None)
+    assert "_temp_dir" not in seen and stat.S_IMODE(os.stat(tmp_path / "mine").st_mode) == 0o700
     seen.clear()
     runner.init_ray("ray://head:10001")  # a cluster: its operator decides (docs/RELIABILITY.md)
     assert "_node_ip_address" not in seen
