@@ -379,8 +379,48 @@ def resume_campaign(name_or_path: str, address: str | None = None) -> list[Targe
         experiment_id = check_backends(campaign)
         init_ray(address or campaign.ray_address)
         preflight.check_resources(campaign, _cluster_resources())
-        return _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address or campaign.ray_address,
-                            True)
+        results = _run_targets(campaign, spaces, campaign_dir, experiment_id, state,
+                               address or campaign.ray_address, True)
+    _hint_sync(campaign, state)
+    return results
+
+
+def mlflow_missing_epochs(campaign: Campaign, tstate: dict, max_trials: int = 2000) -> int:
+    """Epochs Ray recorded (``result.json``) that the target's MLflow child runs lack. A driver killed
+    while MLflow was down loses its buffered writes, and Tune does not send old results again."""
+    from search.tracking import client_for, find_child_runs
+
+    exp_path = Path(str(tstate.get("experiment_path", "")))
+    if not tstate.get("parent_run_id") or "://" in str(exp_path) or not exp_path.is_dir():
+        return 0
+    client = client_for(campaign.mlflow.tracking_uri)
+    runs = find_child_runs(client, tstate["experiment_id"], tstate["parent_run_id"])
+    missing = 0
+    for tdir in sorted(p for p in exp_path.iterdir() if (p / "result.json").is_file())[:max_trials]:
+        epochs, tid = set(), None
+        for line in (tdir / "result.json").read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            tid = tid or r.get("trial_id")
+            if not r.get("failure_reason") and int(r.get("epoch", 0)) > 0:
+                epochs.add(int(r["epoch"]))
+        run = runs.get(tid)
+        logged = {m.step for m in client.get_metric_history(run.info.run_id, "val_top1")} if run else set()
+        missing += len(epochs - logged)
+    return missing
+
+
+def _hint_sync(campaign: Campaign, state: dict) -> None:
+    try:
+        missing = sum(mlflow_missing_epochs(campaign, t) for t in state.get("targets", {}).values())
+    except Exception as exc:  # noqa: BLE001 - a hint only
+        log.debug("could not compare MLflow with Ray's results: %s", exc)
+        return
+    if missing:
+        print(f"MLflow lacks {missing} epoch(s) that Ray recorded (a previous driver stopped with MLflow writes "
+              f"buffered); run `oscqat report sync {campaign.name}` to add them")
 
 
 def _refuse_existing(campaign: Campaign, campaign_dir: Path) -> None:

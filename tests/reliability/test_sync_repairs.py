@@ -90,3 +90,22 @@ def test_driver_fills_the_oscillation_history_from_ray_results(tmp_path):
     out = complete_osc_history(SimpleNamespace(path=str(tmp_path)), held)
     assert [h["epoch"] for h in out] == [1, 2, 3] and out[0]["layers"] == {"conv1": 0.01}
     assert complete_osc_history(SimpleNamespace(path="s3://bucket/x"), held) == held  # remote: unchanged
+
+
+def test_resume_says_when_mlflow_lacks_epochs_ray_recorded(tmp_path, monkeypatch, capsys):
+    """A driver killed during an MLflow outage lost its buffered epochs, and nothing said so."""
+    from search.runner import _hint_sync, mlflow_missing_epochs
+
+    monkeypatch.chdir(tmp_path)
+    camp, camp_dir, client, parent, run_id = _campaign(tmp_path)
+    state = json.loads((camp_dir / "state.json").read_text())
+    assert mlflow_missing_epochs(camp, state["targets"]["demo_net/w4a4"]) == 2  # the child run has no metrics
+    _hint_sync(camp, state)
+    assert "run `oscqat report sync syn`" in capsys.readouterr().out
+    from reports.store import CampaignStore
+    from reports.sync import sync_campaign
+
+    sync_campaign(CampaignStore(camp_dir, camp))
+    assert mlflow_missing_epochs(camp, state["targets"]["demo_net/w4a4"]) == 0
+    _hint_sync(camp, state)
+    assert "report sync" not in capsys.readouterr().out
