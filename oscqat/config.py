@@ -164,17 +164,44 @@ class TrainConfig(BaseModel):
         return validate_config(cls, data, source=str(path))
 
 
-def load_yaml_mapping(path: str | Path) -> dict:
-    """Read a YAML file that must hold a mapping, with errors a user can act on."""
+def load_yaml_mapping(path: str | Path, max_bytes: int = 1 << 20) -> dict:
+    """Read a YAML file that must hold a mapping, with errors a user can act on.
+
+    Config files are small: a file over ``max_bytes`` (1 MiB) is refused before parsing (a 24 MB
+    list took minutes and gigabytes to parse), and a key given twice in one mapping is refused
+    (``yaml.safe_load`` would silently keep the last one).
+    """
+
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                try:
+                    seen.add(key)
+                except TypeError:  # an unhashable key; the base class reports it
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ConfigError(f"{path}: file is {size:,} bytes; config files are limited to {max_bytes:,} bytes")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text (UTF-8) file") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)  # a SafeLoader: no tags that construct Python objects
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     if data is None:

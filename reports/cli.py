@@ -35,22 +35,22 @@ def _user_errors():
 
     from oscqat.config import ConfigError
     from reports.store import ReportError
+    from search.uris import CredentialsMissing, install_log_redaction, redact
 
+    install_log_redaction()
     try:
         yield
     except ReportError as exc:
-        raise fail(str(exc), exc.code) from None
-    except ConfigError as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(redact(str(exc)), exc.code) from None
+    except (ConfigError, CredentialsMissing) as exc:
+        raise fail(redact(str(exc)), 2) from None
     except MlflowException as exc:
-        raise fail(f"MLflow: {str(exc).splitlines()[0][:400]}", 1) from None
+        raise fail(f"MLflow: {redact(str(exc)).splitlines()[0][:400]}", 1) from None
     except Exception as exc:  # noqa: BLE001 - database/network failures of the backends
         import requests
         import sqlalchemy.exc
 
         if isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, requests.RequestException, OSError)):
-            from search.searcher import redact
-
             raise fail(f"backend failure: {exc.__class__.__name__}: {redact(str(exc)).splitlines()[0][:400]}", 1) from None
         raise
 
@@ -98,6 +98,7 @@ def export(
                                        "final val_top1 instead of the confirmed winner (the default)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="epochs of the final training (default: the trial's)"),
     no_log: bool = typer.Option(False, "--no-log", help="don't log the file on the parent run / tag the trial run"),
+    force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
     tracking_uri: Optional[str] = TRACKING_OPT,
     optuna_storage: Optional[str] = OPTUNA_OPT,
 ) -> None:
@@ -106,7 +107,7 @@ def export(
 
     with _user_errors():
         store = _open(campaign, tracking_uri, optuna_storage)
-        res = export_trial(store, target, out, rank=rank, epochs=epochs, log=not no_log)
+        res = export_trial(store, target, out, rank=rank, epochs=epochs, log=not no_log, overwrite=force)
     err_console.print(f"exported trial {res.trial.trial_id} ({res.trial.method}) of {store.target(target).label}, "
                       f"{res.chosen_as} -> {res.path}"
                       + (f"; logged on parent run {res.parent_run_id}" if res.logged else ""), highlight=False)
@@ -169,9 +170,10 @@ def sync(
         store = _open(campaign, tracking_uri, optuna_storage)
         summaries = sync_campaign(store)
     table = Table(title=f"campaign {store.campaign.name}: MLflow backfilled from Ray results")
-    for col in ("target", "trials seen", "runs created", "epochs logged", "states set", "artifacts logged"):
+    for col in ("target", "trials seen", "runs created", "epochs logged", "states set", "artifacts logged",
+                "parent finished"):
         table.add_column(col, min_width=14 if col == "target" else None)
     for s in summaries:
         table.add_row(s.target, *(str(v) for v in (s.trials_seen, s.runs_created, s.epochs_logged, s.states_set,
-                                                    s.artifacts_logged)))
+                                                    s.artifacts_logged)), "yes" if s.parent_finished else "-")
     console.print(table)

@@ -16,7 +16,7 @@ import yaml
 from oscqat.config import ConfigError, TrainConfig, format_validation_error
 from reports.header import HEADER_PREFIX, SOURCE_KEY
 from reports.store import CampaignStore, ReportError, TrialRecord, absolute_uri
-from search.searcher import redact
+from search.uris import redact
 from search.tracking import TAG
 
 
@@ -96,8 +96,13 @@ def choose_trial(store: CampaignStore, target, rank: int | None) -> tuple[TrialR
 
 
 def export_trial(store: CampaignStore, target_label: str, out: Path, rank: int | None = None,
-                 epochs: int | None = None, log: bool = True) -> ExportResult:
-    """Write the chosen trial's config to ``out`` (see ``choose_trial``); log it on the parent run."""
+                 epochs: int | None = None, log: bool = True, overwrite: bool = False) -> ExportResult:
+    """Write the chosen trial's config to ``out`` (see ``choose_trial``); log it on the parent run.
+    An existing ``out`` is refused (exit 2) unless ``overwrite``: it may be someone's edited config."""
+    out = Path(out)
+    if out.exists() and (not overwrite or not out.is_file()):
+        raise ReportError(f"--out {out} already exists" + ("" if out.is_file() else " and is not a file")
+                          + "; pick another path or pass --force to overwrite it", code=2)
     target = store.target(target_label)
     rec, how = choose_trial(store, target, rank)
     rank = next(i + 1 for i, r in enumerate(store.ranked(target)) if r.trial_id == rec.trial_id)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from reports.header import SOURCE_KEY, parse_source, read_header
+from search.uris import redact
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"  # oscqat.export.bundle.MODEL_FILE
@@ -57,7 +58,7 @@ class FinalRunLogger:
             fn()
             return True
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            log.warning("MLflow: could not %s (%s: %s)", what, exc.__class__.__name__, str(exc).splitlines()[0][:200])
+            log.warning("MLflow: could not %s (%s: %s)", what, exc.__class__.__name__, redact(str(exc)).splitlines()[0][:200])
             return False
 
     def start(self, cfg) -> str:
@@ -228,6 +229,6 @@ def log_export(run_dir: Path, files: list[Path], parity: dict | None) -> str:
             client.log_batch(run_id, metrics=metrics)
             client.set_tag(run_id, f"{TAG}parity", "passed" if parity["passed"] else "failed")
     except Exception as exc:  # noqa: BLE001 - the export is written either way
-        log.warning("MLflow: could not log the export (%s: %s)", exc.__class__.__name__, str(exc).splitlines()[0][:200])
+        log.warning("MLflow: could not log the export (%s: %s)", exc.__class__.__name__, redact(str(exc)).splitlines()[0][:200])
         return "[yellow]warning:[/] could not log the export to MLflow"
     return f"logged to MLflow run {run_id}"

@@ -16,7 +16,7 @@ from reports.compare import compare_rows, params_text
 from reports.figures import Figure, campaign_figures
 from reports.paper import PAPER_FP_TOP1, PAPER_NOTES, PAPER_SOURCE, paper_numbers
 from reports.store import CampaignStore
-from search.searcher import redact
+from search.uris import redact
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}

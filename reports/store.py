@@ -14,7 +14,9 @@ from pathlib import Path
 
 from search.campaign import Campaign, Target, load_campaign
 from search.runner import CAMPAIGN_FILE, locate_campaign, read_state
-from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR, make_storage, redact, storage_exists
+from search import uris
+from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR, make_storage, storage_exists
+from search.uris import redact
 from search.tracking import TAG, client_for
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -51,28 +53,17 @@ class TrialRecord:
         return self.method in REMEDIES
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        rest = uri.removeprefix("sqlite:///").split("?", 1)[0]
-        return Path(rest).expanduser() if rest and rest != ":memory:" else None
-    return None
-
-
 def check_store_exists(uri: str, what: str, option: str) -> None:
     """A sqlite URI to a missing file would silently create an empty store: refuse instead."""
-    path = _sqlite_file(uri)
+    path = uris.store_file(uri)
     if path is not None and not path.is_file():
-        raise ReportError(f"{what} {uri!r} does not exist (relative sqlite paths are resolved from the current "
+        raise ReportError(f"{what} {redact(uri)!r} does not exist (relative sqlite paths are resolved from the current "
                           f"directory {Path.cwd()}); run from the campaign's directory or pass {option}", code=2)
 
 
 def absolute_uri(uri: str) -> str:
     """Make a relative ``sqlite:///`` URI absolute, so an exported config works from any directory."""
-    path = _sqlite_file(uri)
-    if path is None or path.is_absolute():
-        return uri
-    query = uri.split("?", 1)[1] if "?" in uri else None
-    return f"sqlite:///{path.resolve()}" + (f"?{query}" if query else "")
+    return uris.absolute(uri)
 
 
 class CampaignStore:

@@ -29,6 +29,7 @@ class SyncSummary:
     epochs_logged: int = 0
     states_set: int = 0
     artifacts_logged: int = 0
+    parent_finished: bool = False
 
 
 def read_results(path: Path) -> list[dict]:
@@ -129,12 +130,41 @@ def sync_target(store: CampaignStore, target) -> SyncSummary:
             if reason:
                 client.set_tag(run_id, f"{TAG}failure_reason", safe_value("reason", reason)[:4000])
             summary.states_set += 1
-        if state is not None and not client.list_artifacts(run_id):
+        if state is not None and (not client.list_artifacts(run_id)
+                                  or _osc_history_incomplete(client, run_id, by_epoch)):
             _log_artifacts(store, target, run_id, tid, params, fp_path, list(by_epoch.items()))
             summary.artifacts_logged += 1
         if state is not None and current.info.status == "RUNNING":
             client.set_terminated(run_id, _TERMINAL[state])
+    if target_done:
+        summary.parent_finished = _finish_parent(store, target, parent_id)
     return summary
+
+
+def _finish_parent(store: CampaignStore, target, parent_id: str) -> bool:
+    """A finished target whose parent run missed its summary (MLflow down at the end): write it."""
+    from search.runner import _summarise_parent
+
+    parent = store.client.get_run(parent_id)
+    if parent.info.status != "RUNNING" and "best_val_top1" in parent.data.metrics:
+        return False
+    campaign = store.campaign.model_copy(update={"optuna_storage": store.optuna_storage})
+    _summarise_parent(campaign, target, store.client, parent_id, {})
+    return store.client.get_run(parent_id).info.status == "FINISHED"
+
+
+def _osc_history_incomplete(client, run_id: str, by_epoch: dict) -> bool:
+    """The run's layer_oscillations.json lacks epochs Ray has (the driver kept only post-resume epochs)."""
+    want = {e for e, r in by_epoch.items() if r.get("layer_osc")}
+    if not want or "layer_oscillations.json" not in {a.path for a in client.list_artifacts(run_id)}:
+        return bool(want)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "layer_oscillations.json", tmp)
+            have = {int(h["epoch"]) for h in json.loads(Path(path).read_text())}
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+    return not want <= have
 
 
 def _log_artifacts(store, target, run_id: str, tid: str, params: dict, fp_path, epochs: list) -> None:

@@ -112,7 +112,7 @@ class Campaign(_Strict):
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: int | None = Field(default=None, gt=0, le=10_000)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # numpy and Optuna's samplers take 32-bit seeds
     ray_address: str | None = None
     storage_path: str = "./ray_results"
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)

@@ -19,6 +19,27 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, resume 
 console = Console(width=None if sys.stdout.isatty() else 180)
 
 
+def _fail(message: str, code: int = 2):
+    """``fail`` with credentials removed from the message (errors often quote a store URI)."""
+    from search.uris import redact
+
+    return fail(redact(message), code=code)
+
+
+def _interrupted(exc, name: str):
+    """Exit 128 + signal number, as a shell reports a process stopped by that signal."""
+    console.print(f"[yellow]campaign {name} {exc}[/]; nothing was marked done that is not. "
+                  f"Continue with: [bold]oscqat search resume {name}[/]", highlight=False)
+    return typer.Exit(128 + exc.signum)
+
+
+def _setup_logging() -> None:
+    from search.uris import install_log_redaction
+
+    logging.basicConfig(level=logging.WARNING)
+    install_log_redaction()
+
+
 def _results_table(results, title: str, statuses: list[str] | None = None) -> Table:
     table = Table(title=title, caption="selected on val (the selection split); test = the held-out test split, "
                                        "never selected on; ± = sample std over the confirm seeds")
@@ -54,16 +75,16 @@ def _confirmed_cells(r) -> list[str]:
 
 
 def _print_next_steps(campaign) -> None:
-    from search.searcher import redact
+    from search import uris
 
-    uri = redact(campaign.mlflow.tracking_uri)  # never print credentials
+    uri = uris.redact(campaign.mlflow.tracking_uri)  # never print credentials
     console.print(f"\nCompare trials in the MLflow UI:  [bold]mlflow ui --backend-store-uri {uri}[/]"
-                  if uri.startswith("sqlite") else f"\nCompare trials in the MLflow UI at {uri}")
-    if campaign.optuna_storage.startswith("sqlite"):
+                  if uris.is_sqlite(uri) else f"\nCompare trials in the MLflow UI at {uri}")
+    journal = uris.journal_file(campaign.optuna_storage)
+    if uris.is_sqlite(campaign.optuna_storage):
         console.print(f"Optuna dashboard:                 [bold]optuna-dashboard {campaign.optuna_storage}[/]")
-    elif campaign.optuna_storage.startswith("journal:///"):
-        console.print(f"Optuna dashboard:                 [bold]optuna-dashboard "
-                      f"{campaign.optuna_storage.removeprefix('journal:///')}[/]")
+    elif journal is not None:
+        console.print(f"Optuna dashboard:                 [bold]optuna-dashboard {journal}[/]")
     console.print(f"Export the winner:                [bold]oscqat report export {campaign.name} "
                   f"--target {campaign.targets[0].label} --out best.yaml[/]")
 
@@ -76,18 +97,21 @@ def run(
     """Start a new campaign: one Optuna study + ASHA per target, every trial logged to MLflow."""
     from search.campaign import load_campaign
     from search.runner import CampaignError, run_campaign
+    from search.signals import CampaignInterrupted
 
-    logging.basicConfig(level=logging.WARNING)
+    _setup_logging()
     try:
         campaign = load_campaign(campaign_file)
     except ConfigError as exc:
-        raise fail(str(exc))
+        raise _fail(str(exc))
     try:
         results = run_campaign(campaign, address)
     except (ConfigError, ValueError) as exc:
-        raise fail(str(exc))
+        raise _fail(str(exc))
     except CampaignError as exc:
-        raise fail(str(exc), code=1)
+        raise _fail(str(exc), code=1)
+    except CampaignInterrupted as exc:
+        raise _interrupted(exc, campaign.name)
     console.print(_results_table(results, f"campaign {campaign.name}: best per target"))
     _print_next_steps(campaign)
 
@@ -100,15 +124,18 @@ def resume(
     """Continue an interrupted campaign: unfinished and errored trials go on from their checkpoints."""
     from search.campaign import load_campaign
     from search.runner import CAMPAIGN_FILE, CampaignError, locate_campaign, resume_campaign
+    from search.signals import CampaignInterrupted
 
-    logging.basicConfig(level=logging.WARNING)
+    _setup_logging()
     try:
         results = resume_campaign(name_or_path, address)
         campaign = load_campaign(locate_campaign(name_or_path) / CAMPAIGN_FILE)
-    except ConfigError as exc:
-        raise fail(str(exc))
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc))
     except CampaignError as exc:
-        raise fail(str(exc), code=1)
+        raise _fail(str(exc), code=1)
+    except CampaignInterrupted as exc:
+        raise _interrupted(exc, name_or_path)
     console.print(_results_table(results, f"campaign {campaign.name}: best per target"))
     _print_next_steps(campaign)
 
@@ -123,10 +150,13 @@ def status(name_or_path: str = typer.Argument(..., help="campaign name, director
         campaign_dir = locate_campaign(name_or_path)
         campaign = load_campaign(campaign_dir / CAMPAIGN_FILE)
     except ConfigError as exc:
-        raise fail(str(exc))
+        raise _fail(str(exc))
     except CampaignError as exc:
-        raise fail(str(exc), code=1)
+        raise _fail(str(exc), code=1)
     state = read_state(campaign_dir)
-    results = [target_result(campaign, t, state["targets"].get(t.label)) for t in campaign.targets]
+    try:
+        results = [target_result(campaign, t, state["targets"].get(t.label)) for t in campaign.targets]
+    except ValueError as exc:  # a masked store URI whose credentials the environment lacks
+        raise _fail(str(exc))
     statuses = [state["targets"].get(t.label, {}).get("status", "pending") for t in campaign.targets]
     console.print(_results_table(results, f"campaign {campaign.name} ({campaign_dir})", statuses))

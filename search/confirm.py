@@ -182,6 +182,9 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
     print(f"confirming {target.label}: top {len(candidates)} config(s) x seeds {list(conf['seeds'])}, "
           f"{campaign.budget.max_epochs} epochs each")
     grid = tuner.fit()
+    from search import signals
+
+    signals.raise_if_interrupted()  # a stopped confirm Tuner returns normally: it is not finished
     rows = []
     for result in grid:
         cfg, metrics = result.config or {}, result.metrics or {}

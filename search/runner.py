@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from oscqat.config import ConfigError
 from search.campaign import Campaign, Target, load_campaign
-from search.searcher import redact
+from search import uris
+from search.uris import redact
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -111,11 +113,45 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    _keep_secrets_out_of_runtime_env()
     kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(**kwargs)
+        # local instance: reachable from this machine only, its session files (logs with each
+        # worker's environment) readable by this user only
+        temp_dir = private_ray_temp_dir()
+        ray.init(_node_ip_address="127.0.0.1", **({"_temp_dir": str(temp_dir)} if temp_dir else {}), **kwargs)
+
+
+def private_ray_temp_dir() -> Path | None:
+    """``$TMPDIR/oscqat-ray-<uid>`` (or ``OSCQAT_RAY_TMPDIR``), mode 0700: Ray's default ``/tmp/ray``
+    is world-readable. A ``RAY_TMPDIR`` the user set is Ray's to use (None), made private if ours."""
+    import tempfile
+
+    if os.environ.get("RAY_TMPDIR") and not os.environ.get("OSCQAT_RAY_TMPDIR"):
+        path = Path(os.environ["RAY_TMPDIR"])
+        if path.is_dir() and path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
+        return None
+    path = Path(os.environ.get("OSCQAT_RAY_TMPDIR") or Path(tempfile.gettempdir()) / f"oscqat-ray-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid != os.getuid():
+        raise CampaignError(f"{path} belongs to another user; set OSCQAT_RAY_TMPDIR to a directory of your own")
+    path.chmod(0o700)
+    return path
+
+
+# Ray Tune copies these from the driver's environment into every trial actor's runtime_env, which
+# Ray records in its session logs and GCS. Local workers inherit the environment anyway; cluster
+# nodes get credentials from their own environment or instance role (docs/RELIABILITY.md).
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def _keep_secrets_out_of_runtime_env() -> None:
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(SECRET_ENV_VARS)
 
 
 def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tuple[str, dict]:
@@ -241,6 +277,8 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
     from search.tracking import MlflowTrialCallback
     from search.trial_memory import TrimFinishedTrials
 
+    from search import signals
+
     b = campaign.budget
     grace, latest_start = check_campaign_rungs(campaign, {target.label: space})[target.label]
     if resume and tune.Tuner.can_restore(exp_path):
@@ -286,6 +324,7 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
              else "no early stopping (fifo)")
     print(f"searching {target.label}: {b.num_samples} trials, up to {b.max_epochs} epochs each; {rungs}")
     tuner.fit()
+    signals.raise_if_interrupted()  # Tune returns normally on a stop: nothing below may treat it as done
     orphans = fail_orphaned_trials(campaign.optuna_storage, study_name, set())
     if orphans:
         log.warning("%d Optuna trial(s) left RUNNING by a stopped driver were marked FAIL", orphans)
@@ -353,49 +392,156 @@ def _summarise_parent(campaign: Campaign, target: Target, client, parent_id: str
             client.log_metric(parent_id, f"trials_{state_name.lower()}", n)
         client.set_terminated(parent_id, "FINISHED")
     except Exception as exc:  # noqa: BLE001
-        log.warning("could not write the summary of %s to MLflow: %s", target.label, exc)
+        log.warning("could not write the summary of %s to MLflow: %s", target.label, redact(str(exc)).splitlines()[0][:300])
 
 
 # campaigns ---------------------------------------------------------------------------
 def run_campaign(campaign: Campaign, address: str | None = None) -> list[TargetResult]:
-    """Start a new campaign. Refuses to overwrite an existing one (use resume)."""
+    """Start a new campaign. Refuses to overwrite an existing one (use resume).
+
+    Everything that can be checked is checked before anything is written: the campaign, its
+    files (``preflight``), the lock (one driver per campaign), Ray's resources, the backends.
+    """
+    from search import preflight
+
     campaign_dir = campaign.campaign_dir()
     if (campaign_dir / CAMPAIGN_FILE).exists():
-        raise CampaignError(f"campaign {campaign.name!r} already exists in {campaign_dir}; "
-                            f"continue it with `oscqat search resume {campaign.name}` or pick a new name")
+        with _locked(campaign_dir, campaign.name):  # a live driver: say so rather than "already exists"
+            _refuse_existing(campaign, campaign_dir)
     campaign = _absolute_stores(campaign)
     spaces = _resolve_spaces(campaign)
     _check_rungs(campaign, spaces)
-    _check_studies_unused(campaign)
-    experiment_id = check_backends(campaign)
-    campaign_dir.mkdir(parents=True, exist_ok=True)
-    (campaign_dir / CAMPAIGN_FILE).write_text(yaml.safe_dump(campaign.model_dump(mode="json"), sort_keys=False))
-    state = {"targets": {}, "address": address}
-    write_state(campaign_dir, state)
-    return _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address or campaign.ray_address, False)
+    preflight.check_before_writing(campaign)
+    if not (address or campaign.ray_address):  # the local Ray to be started: known without starting it
+        preflight.check_resources(campaign, preflight.local_resources())
+    created = next((p for p in reversed((campaign_dir, *campaign_dir.parents)) if not p.exists()), None)
+    written = False
+    try:
+        with _locked(campaign_dir, campaign.name):
+            _refuse_existing(campaign, campaign_dir)  # another driver may have finished meanwhile
+            _check_studies_unused(campaign)
+            experiment_id = check_backends(campaign)  # before Ray: a dead backend fails in seconds
+            init_ray(address or campaign.ray_address)
+            preflight.check_resources(campaign, _cluster_resources())
+            (campaign_dir / CAMPAIGN_FILE).write_text(yaml.safe_dump(campaign.model_dump(mode="json"), sort_keys=False))
+            written = True
+            state = {"targets": {}, "address": address, "stores": _store_identities(campaign)}
+            write_state(campaign_dir, state)
+            return _run_targets(campaign, spaces, campaign_dir, experiment_id, state,
+                                address or campaign.ray_address, False)
+    finally:
+        if created is not None and not written:  # refused before it began: leave nothing half-made behind
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def resume_campaign(name_or_path: str, address: str | None = None) -> list[TargetResult]:
+    from search import preflight
+    from search.store_watch import check_stores
+
     campaign_dir = locate_campaign(name_or_path)
-    campaign = load_campaign(campaign_dir / CAMPAIGN_FILE)
-    spaces = _resolve_spaces(campaign)
-    experiment_id = check_backends(campaign)
-    state = read_state(campaign_dir)
-    return _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address or campaign.ray_address, True)
+    with _locked(campaign_dir, campaign_dir.name):
+        campaign = load_campaign(campaign_dir / CAMPAIGN_FILE)
+        spaces = _resolve_spaces(campaign)
+        preflight.check_before_writing(campaign)
+        state = read_state(campaign_dir)
+        check_stores(state.get("stores", {}))  # a deleted/replaced store: stop before Optuna makes a new one
+        experiment_id = check_backends(campaign)
+        init_ray(address or campaign.ray_address)
+        preflight.check_resources(campaign, _cluster_resources())
+        results = _run_targets(campaign, spaces, campaign_dir, experiment_id, state,
+                               address or campaign.ray_address, True)
+    _hint_sync(campaign, state)
+    return results
 
 
-def _absolute_sqlite(uri: str) -> str:
-    """``sqlite:///rel.db`` or ``journal:///rel.log`` -> the same file by its absolute path."""
-    for scheme in ("sqlite:///", "journal:///"):
-        if uri.startswith(scheme) and not uri.startswith(scheme + "/"):
-            return scheme + str(Path(uri.removeprefix(scheme)).expanduser().resolve())
-    return uri
+def mlflow_missing_epochs(campaign: Campaign, tstate: dict, max_trials: int = 2000) -> int:
+    """Epochs Ray recorded (``result.json``) that the target's MLflow child runs lack. A driver killed
+    while MLflow was down loses its buffered writes, and Tune does not send old results again."""
+    from search.tracking import client_for, find_child_runs
+
+    exp_path = Path(str(tstate.get("experiment_path", "")))
+    if not tstate.get("parent_run_id") or "://" in str(exp_path) or not exp_path.is_dir():
+        return 0
+    client = client_for(campaign.mlflow.tracking_uri)
+    runs = find_child_runs(client, tstate["experiment_id"], tstate["parent_run_id"])
+    missing = 0
+    for tdir in sorted(p for p in exp_path.iterdir() if (p / "result.json").is_file())[:max_trials]:
+        epochs, tid = set(), None
+        for line in (tdir / "result.json").read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            tid = tid or r.get("trial_id")
+            if not r.get("failure_reason") and int(r.get("epoch", 0)) > 0:
+                epochs.add(int(r["epoch"]))
+        run = runs.get(tid)
+        logged = {m.step for m in client.get_metric_history(run.info.run_id, "val_top1")} if run else set()
+        missing += len(epochs - logged)
+    return missing
+
+
+def _hint_sync(campaign: Campaign, state: dict) -> None:
+    try:
+        missing = sum(mlflow_missing_epochs(campaign, t) for t in state.get("targets", {}).values())
+    except Exception as exc:  # noqa: BLE001 - a hint only
+        log.debug("could not compare MLflow with Ray's results: %s", exc)
+        return
+    if missing:
+        print(f"MLflow lacks {missing} epoch(s) that Ray recorded (a previous driver stopped with MLflow writes "
+              f"buffered); run `oscqat report sync {campaign.name}` to add them")
+
+
+def _refuse_existing(campaign: Campaign, campaign_dir: Path) -> None:
+    if (campaign_dir / CAMPAIGN_FILE).exists():
+        raise CampaignError(f"campaign {campaign.name!r} already exists in {campaign_dir}; "
+                            f"continue it with `oscqat search resume {campaign.name}` or pick a new name")
+
+
+def _locked(campaign_dir: Path, name: str):
+    from search.lock import CampaignLock, CampaignLocked
+
+    lock = CampaignLock(campaign_dir, name)
+    try:
+        lock.acquire()
+    except CampaignLocked as exc:
+        raise CampaignError(str(exc)) from None
+    if lock.stale and lock.stale.get("pid"):
+        log.warning("campaign %s: the lock of driver pid %s (%s) was stale (that driver is gone); taking it over",
+                    name, lock.stale.get("pid"), lock.stale.get("host", "?"))
+    import contextlib
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield lock
+        finally:
+            lock.release()
+    return held()
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _store_identities(campaign: Campaign) -> dict:
+    from search.store_watch import identity
+
+    return {uri: identity(uri) for uri in (campaign.optuna_storage, campaign.mlflow.tracking_uri)}
 
 
 def _absolute_stores(campaign: Campaign) -> Campaign:
     """Pin relative sqlite URIs to the launch directory, so resume/status/report work from anywhere."""
-    mlflow = campaign.mlflow.model_copy(update={"tracking_uri": _absolute_sqlite(campaign.mlflow.tracking_uri)})
-    return campaign.model_copy(update={"mlflow": mlflow, "optuna_storage": _absolute_sqlite(campaign.optuna_storage)})
+    # Credentials stay in this process (uris.remember): campaign.yaml, state.json, MLflow tags and
+    # Tune's pickles only ever see the masked URI; resume takes them from the environment.
+    mlflow = campaign.mlflow.model_copy(
+        update={"tracking_uri": uris.remember(uris.absolute(campaign.mlflow.tracking_uri))})
+    return campaign.model_copy(update={"mlflow": mlflow,
+                                       "optuna_storage": uris.remember(uris.absolute(campaign.optuna_storage))})
 
 
 def _check_studies_unused(campaign: Campaign) -> None:
@@ -404,6 +550,8 @@ def _check_studies_unused(campaign: Campaign) -> None:
 
     from search.searcher import make_storage
 
+    if not uris.store_exists(campaign.optuna_storage):
+        return  # a new file store holds no study (and must not be created before the checks pass)
     try:
         existing = set(optuna.get_all_study_names(make_storage(campaign.optuna_storage)))
     except Exception:  # noqa: BLE001 - reported by check_backends with a better message
@@ -415,14 +563,101 @@ def _check_studies_unused(campaign: Campaign) -> None:
 
 
 def _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address, resume) -> list[TargetResult]:
-    init_ray(address)
+    """The targets in order. A stop signal or a changed store ends the whole campaign, leaving the
+    interrupted target ``running`` (resume restores it from Tune's snapshot), never ``done``."""
+    from search import signals
+    from search.store_watch import StoreChanged, StoreWatcher, check_stores
+
+    stores = state.get("stores") or {}
     results = []
-    for target in campaign.targets:
-        tstate = state["targets"].get(target.label, {})
-        if tstate.get("status") == "done":
-            print(f"{target.label}: already finished")
-        else:
-            _run_target(campaign, target, spaces[target.label], campaign_dir, experiment_id, state,
-                        resume=resume and tstate.get("status") in ("running", "searched", "confirming"))
-        results.append(target_result(campaign, target, state["targets"].get(target.label)))
+    with signals.stop_on_signals(), StoreWatcher(stores):
+        try:
+            init_ray(address)
+            for target in campaign.targets:
+                signals.raise_if_interrupted()
+                check_stores(stores)
+                tstate = state["targets"].get(target.label, {})
+                if tstate.get("status") == "done":
+                    print(f"{target.label}: already finished")
+                else:
+                    resuming = resume and tstate.get("status") in ACTIVE_PHASES
+                    if resuming:
+                        _reopen_interrupted(campaign, tstate)
+                    try:
+                        _run_target(campaign, target, spaces[target.label], campaign_dir, experiment_id, state,
+                                    resume=resuming)
+                    finally:
+                        signals.reset_tune_handler()
+                results.append(target_result(campaign, target, state["targets"].get(target.label)))
+            if state.pop("interrupted", None) is not None:
+                write_state(campaign_dir, state)
+        except (signals.CampaignInterrupted, KeyboardInterrupt, StoreChanged) as exc:
+            _mark_interrupted(campaign, campaign_dir, state, exc)
+            if isinstance(exc, StoreChanged):
+                raise CampaignError(str(exc)) from None
+            raise signals.CampaignInterrupted(signals.interrupted() or 2) from None
+        except (CampaignError, ConfigError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend or the disk failed under the campaign
+            # (a full disk under storage_path, the Optuna storage read-only/locked/unreachable): stop
+            # with one clear line, leave the target resumable and its runs marked, no traceback
+            why = f"{exc.__class__.__name__}: {redact(str(exc)).splitlines()[0][:300] if str(exc) else ''}"
+            log.debug("campaign stopped", exc_info=True)
+            _mark_interrupted(campaign, campaign_dir, state, RuntimeError(f"stopped by an error: {why}"))
+            raise CampaignError(f"campaign {campaign.name!r} stopped: {why}. Nothing was marked done that is "
+                                f"not; fix the cause (disk space, store access) and run "
+                                f"`oscqat search resume {campaign.name}`") from None
     return results
+
+
+INTERRUPTED_TAG = "oscqat.interrupted"
+ACTIVE_PHASES = ("running", "searched", "confirming")  # a target in one of these resumes where it was
+
+
+def _mark_interrupted(campaign: Campaign, campaign_dir: Path, state: dict, exc: BaseException) -> None:
+    """Leave the campaign resumable and say so: targets stay ``running``; their parent run and
+    still-RUNNING child runs become KILLED with ``oscqat.interrupted`` (resume reopens them)."""
+    from search.tracking import client_for
+
+    reason = (str(exc) or exc.__class__.__name__)[:500]
+    state["interrupted"] = reason
+    try:
+        write_state(campaign_dir, state)
+    except OSError as exc2:  # the disk may be the fault; state.json still says `running`
+        log.warning("could not record the stop in %s: %s", STATE_FILE, exc2)
+    try:
+        client = client_for(campaign.mlflow.tracking_uri)
+        for tstate in state["targets"].values():
+            parent = tstate.get("parent_run_id")
+            if tstate.get("status") not in ACTIVE_PHASES or not parent:
+                continue
+            children = client.search_runs([tstate["experiment_id"]], max_results=50_000,
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                        f"attributes.status = 'RUNNING'")
+            for run_id in [r.info.run_id for r in children] + [parent]:
+                client.set_tag(run_id, INTERRUPTED_TAG, reason)
+                client.set_terminated(run_id, "KILLED")
+    except Exception as exc2:  # noqa: BLE001 - the state file alone is enough to resume
+        log.warning("could not mark the interrupted runs in MLflow: %s", redact(str(exc2)).splitlines()[0][:300])
+
+
+def _reopen_interrupted(campaign: Campaign, tstate: dict) -> None:
+    """Resume: the child runs an interrupt marked KILLED are live again (their trials go on)."""
+    from search.tracking import client_for
+
+    parent = tstate.get("parent_run_id")
+    if not parent:
+        return
+    try:
+        client = client_for(campaign.mlflow.tracking_uri)
+        runs = client.search_runs([tstate["experiment_id"]], max_results=50_000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                f"tags.`{INTERRUPTED_TAG}` != ''")
+        for r in runs:
+            client.delete_tag(r.info.run_id, INTERRUPTED_TAG)
+            client.update_run(r.info.run_id, status="RUNNING")
+        parent_run = client.get_run(parent)
+        if INTERRUPTED_TAG in parent_run.data.tags:
+            client.delete_tag(parent, INTERRUPTED_TAG)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not reopen the interrupted runs in MLflow: %s", redact(str(exc)).splitlines()[0][:300])

@@ -21,7 +21,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from oscqat.metrics import SCALAR_METRICS  # noqa: F401 - the one list of metric names
-from search.searcher import redact
+from search.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,13 @@ _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "a
 
 
 def client_for(uri: str):
+    """An MlflowClient; a masked URI (``user:***@``, as stored in files) gets its credentials back
+    from this process or the environment (``search.uris.reveal``)."""
     from mlflow.tracking import MlflowClient
 
+    from search.uris import reveal
+
+    uri = reveal(uri)
     if uri.startswith(("http://", "https://")):
         # MLflow's defaults retry a refused connection for ~4 minutes per request: that would stall
         # the Tune driver on every event while a server is down (the callback buffers and retries
@@ -47,6 +52,27 @@ def client_for(uri: str):
 def parse_layer_osc(value) -> dict:
     """A result's ``layer_osc``: a JSON string from trials (a dict in older results)."""
     return json.loads(value) if isinstance(value, str) else dict(value)
+
+
+def complete_osc_history(trial, history: list[dict]) -> list[dict]:
+    """The driver holds per-layer oscillation only for epochs it saw itself: after a driver restart
+    the earlier epochs come from the trial's ``result.json`` (local storage), which Ray wrote for all."""
+    have = {h["epoch"] for h in history}
+    dirs = [str(d) for d in (getattr(trial, "local_path", None), getattr(trial, "path", None)) if d]
+    path = next((Path(d) / "result.json" for d in dirs if "://" not in d and (Path(d) / "result.json").is_file()),
+                None)  # local_path: where the driver writes result.json; path: the storage copy
+    if path is None:
+        return history
+    older = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+            epoch = int(r.get("epoch", 0))
+            if epoch not in have and r.get("layer_osc") and not r.get("failure_reason"):
+                older[epoch] = {"epoch": epoch, "layers": parse_layer_osc(r["layer_osc"])}
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return sorted([*older.values(), *history], key=lambda h: h["epoch"])
 
 
 def safe_value(key: str, value) -> str:
@@ -358,7 +384,7 @@ class MlflowTrialCallback(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig.model_validate({**self.base_config, **self.trial_params(trial)})
             (Path(tmp) / "train_config.yaml").write_text(cfg.to_yaml())
-            history = self._layer_osc.get(trial.trial_id, [])
+            history = complete_osc_history(trial, self._layer_osc.get(trial.trial_id, []))
             # The heatmap is drawn on demand by `oscqat report plot` (it cost the driver ~0.3 s
             # of CPU per trial, 90% of this callback); the data behind it is logged here.
             (Path(tmp) / "layer_oscillations.json").write_text(json.dumps(history))

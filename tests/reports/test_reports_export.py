@@ -60,6 +60,14 @@ def test_export_round_trips_and_is_logged(report_campaign, tmp_path):
                  "--out", tmp_path / "long.yaml")
     assert res.exit_code == 0, res.output
     assert TrainConfig.from_yaml(tmp_path / "long.yaml") == cfg.model_copy(update={"epochs": 7})
+    # an existing --out is not overwritten (nor uploaded) without --force
+    res = invoke("report", "export", rc.campaign_dir, "--target", "demo_net-w4a4", "--no-log", "--out", out)
+    assert res.exit_code == 2 and "already exists" in res.output and "--force" in res.output, res.output
+    assert out.read_text() == text
+    res = invoke("report", "export", rc.campaign_dir, "--target", "demo_net-w4a4", "--epochs", "3", "--no-log",
+                 "--force", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert TrainConfig.from_yaml(out).epochs == 3
 
 
 def test_export_ranks_and_errors(report_campaign, tmp_path):
