@@ -34,7 +34,10 @@ METRIC_NAMES = (
     "epoch", "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda",
     "freeze_threshold", "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac",
     "epoch_time_s", "samples_per_s",
+    # held-out test split, measured at the last epoch only (None before): never selected on
+    "test_top1", "test_top1_no_bnre", "test_loss",
 )
+TEST_METRICS = ("test_top1", "test_top1_no_bnre", "test_loss")
 CHECKPOINT_VERSION = 1
 
 
@@ -201,7 +204,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader=None) -> tuple[float, float]:
-        """Mean cross-entropy and top-1 accuracy over ``loader`` (default: validation set)."""
+        """Mean cross-entropy and top-1 accuracy over ``loader`` (default: the selection split)."""
         loader = loader or self.data.val
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -230,10 +233,16 @@ class Trainer:
         val_loss_raw, top1_raw = self.evaluate()
         val_loss, top1 = val_loss_raw, top1_raw
         last_epoch = self.epoch + 1 >= self.cfg.epochs
+        test = dict.fromkeys(TEST_METRICS)
+        if last_epoch:
+            test_loss, test["test_top1_no_bnre"] = self.evaluate(self.data.test)
+            test["test_loss"], test["test_top1"] = test_loss, test["test_top1_no_bnre"]
         if self.cfg.bn_reestimate_batches > 0 and bn_layers(self.model):
             saved = None if last_epoch else bn_state(self.model)
             reestimate_bn(self.model, self._bn_batches(), self.cfg.bn_reestimate_batches, self.device)
             val_loss, top1 = self.evaluate()
+            if last_epoch:
+                test["test_loss"], test["test_top1"] = self.evaluate(self.data.test)
             if saved is not None:  # keep training on running statistics; the final model keeps re-estimated ones
                 self.model.load_state_dict(saved, strict=False)
         osc = self.tracker.summary() if self.tracker is not None else {}
@@ -254,6 +263,7 @@ class Trainer:
             "frozen_frac": osc.get("frozen_frac", 0.0),
             "epoch_time_s": time.perf_counter() - start,
             "samples_per_s": train["_samples"] / max(train_time, 1e-9),
+            **test,
         }
         self.history.append(metrics)
         self.layer_history.append(

@@ -28,6 +28,7 @@ TAG = "oscqat."
 SCALAR_METRICS = (
     "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda", "freeze_threshold",
     "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac", "epoch_time_s", "samples_per_s",
+    "test_top1", "test_top1_no_bnre", "test_loss",  # last epoch only (None before, then skipped)
 )
 _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
 
