@@ -92,6 +92,9 @@ def test_short_w3a3_demo_run_reaches_sensible_accuracy():
     assert final["dampen_lambda"] > 0 and final["freeze_threshold"] > 0
     for m in history:
         for name in METRIC_NAMES:
+            if m is not final and name.startswith("test_"):  # the test split: last epoch only
+                assert m[name] is None, name
+                continue
             assert isinstance(m[name], (int, float)) and m[name] == m[name], name  # no NaN
 
 
