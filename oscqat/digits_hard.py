@@ -1,7 +1,7 @@
 """``digits_hard``: scikit-learn's bundled 8x8 digits made hard enough to tell QAT methods apart.
 
 Plain digits saturates (FP ~98%, every method within seed noise). Here each of the 1,797 real
-digits is rendered ``VARIANTS`` times at 24x24 (default) under seeded random distortions: an
+digits is rendered ``VARIANTS`` times at 16x16 (default) under seeded random distortions: an
 affine map (rotation, anisotropic scale, shear, translation) and a smooth elastic warp sampled
 straight from the 8x8 source (one ``grid_sample``), then a contrast change, a background with a
 random brightness gradient, a faint distractor (a shifted fragment of another digit) and
@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-DEFAULT_SIZE = 24
+DEFAULT_SIZE = 16
 VARIANTS = 3  # renderings per source digit (train, selection and test alike)
 RENDER_SEED = 14_014
 
@@ -54,15 +54,15 @@ def render(src: torch.Tensor, size: int, seed: int) -> torch.Tensor:
                          torch.stack([torch.zeros(n), torch.full((n,), 1.3), _rand(gen, n, -0.6, 0.6)], 1)], 1)
     frag = F.grid_sample(other, F.affine_grid(shift, (n, 1, size, size), align_corners=False),
                          mode="bilinear", padding_mode="zeros", align_corners=False)
-    img = img + _rand(gen, n, 0.0, 0.45).view(n, 1, 1, 1) * frag
+    img = img + _rand(gen, n, 0.0, 0.35).view(n, 1, 1, 1) * frag
 
-    contrast = _rand(gen, n, 0.3, 1.0).view(n, 1, 1, 1)
+    contrast = _rand(gen, n, 0.5, 1.0).view(n, 1, 1, 1)
     coords = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     angle = _rand(gen, n, 0, 2 * math.pi).view(n, 1, 1, 1)
     ramp = torch.cos(angle) * xx + torch.sin(angle) * yy
     background = _rand(gen, n, 0.0, 0.4).view(n, 1, 1, 1) + _rand(gen, n, 0.0, 0.3).view(n, 1, 1, 1) * ramp
-    noise = _rand(gen, n, 0.05, 0.3).view(n, 1, 1, 1) * torch.randn(n, 1, size, size, generator=gen)
+    noise = _rand(gen, n, 0.03, 0.2).view(n, 1, 1, 1) * torch.randn(n, 1, size, size, generator=gen)
     return (background + contrast * img.clamp(0, 1.5) + noise).float()
 
 

@@ -2,7 +2,7 @@
 
 torchvision's MobileNetV2 downsamples 32x: at 32 px its last stages run on 1x1 maps, where a
 3x3 depthwise kernel sees only padding outside its centre (40% of its depthwise taps get
-exactly zero gradient). This net downsamples 8x, so at 24 px the smallest map is 3x3 and every
+exactly zero gradient). This net downsamples 8x, so at 16 px (digits_hard) the smallest map is 2x2 and every
 tap of every depthwise kernel touches real activations (tests/test_models.py checks it), and a
 run of ~2,000 steps takes minutes on one CPU core.
 """
