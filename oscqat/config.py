@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
-DATASETS = ("digits", "cifar10", "imagefolder", "synthetic")
+# The one definition of the dataset names (TrainConfig and campaigns both use it).
+DatasetName = Literal["digits", "digits_hard", "cifar10", "imagefolder", "synthetic"]
+DATASETS = get_args(DatasetName)
+# Old field names still accepted on input (YAML written before the rename keeps working).
+FIELD_ALIASES = {"val_fraction": "selection_fraction"}
 _BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
 
 
@@ -66,11 +70,14 @@ class TrainConfig(BaseModel):
     pretrained: str | None = None
 
     # data
-    dataset: Literal["digits", "cifar10", "imagefolder", "synthetic"] = "digits"
+    dataset: DatasetName = "digits"
     data_dir: str | None = None
     download: bool = False
     image_size: int | None = Field(default=None, gt=0, le=1024)
-    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # share of the training data held out as the selection split (val_top1); the test split is
+    # separate (digits/digits_hard: fixed 20% of the source digits; cifar10/imagefolder: their test/val set)
+    selection_fraction: float = Field(default=0.2, gt=0.0, lt=1.0,
+                                      validation_alias=AliasChoices("selection_fraction", "val_fraction"))
     num_workers: int = Field(default=0, ge=0, le=64)
 
     # optimisation

@@ -1,7 +1,9 @@
-"""Datasets: digits (scikit-learn, offline, default), cifar10, imagefolder, synthetic.
+"""Datasets: digits and digits_hard (scikit-learn, offline), cifar10, imagefolder, synthetic.
 
-In-memory sets use ``TensorLoader`` (index tensors, no per-sample Python); shuffling is seeded
-per epoch so a resumed run sees the same batches as an uninterrupted one.
+Every dataset has three splits: ``train``, ``val`` (the *selection* split, carved from the
+training data by ``cfg.seed``; what the searcher and ASHA see) and ``test`` (held out, never
+selected on). In-memory sets use ``TensorLoader`` (index tensors, no per-sample Python);
+shuffling is seeded per epoch so a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch.nn.functional as F
 
 @dataclass
 class DataBundle:
-    """Train/val loaders plus what the model needs to know about the inputs."""
+    """Train / selection (``val``) / test loaders plus what the model needs to know about the inputs."""
 
     train: "Loader"
-    val: "Loader"
+    val: "Loader"  # the selection split (carved from training data)
+    test: "Loader"  # held out: measured at the end of a run, never selected on
     num_classes: int
     in_chans: int
     image_size: int
@@ -90,6 +93,12 @@ class TorchLoader:
 Loader = TensorLoader | TorchLoader
 
 
+# The digits test split is drawn with this constant, never with cfg.seed: every run, trial and
+# seed is scored on the same held-out images, and no seed's train/selection split touches them.
+DIGITS_TEST_SEED = 20_221_106
+DIGITS_TEST_FRACTION = 0.2
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
@@ -97,10 +106,19 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
     return order[n_val:], order[:n_val]
 
 
-def _standardize(x_train: torch.Tensor, x_val: torch.Tensor):
+def three_way_split(n: int, selection_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices (train, selection, test) of ``n`` items: test is fixed (``DIGITS_TEST_SEED``),
+    train/selection of the rest follow ``seed``."""
+    rest, test = _split(n, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+    train_pos, sel_pos = _split(len(rest), selection_fraction, seed)
+    return rest[train_pos], rest[sel_pos], test.sort().values
+
+
+def _standardize(x_train: torch.Tensor, *others: torch.Tensor):
+    """Standardise every split with the *train* split's per-channel mean and std."""
     mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
     std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (x_train - mean) / std, (x_val - mean) / std
+    return tuple((x - mean) / std for x in (x_train, *others))
 
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -131,30 +149,53 @@ def synthetic_tensors(n: int, num_classes: int, in_chans: int, size: int, seed: 
     return x, y
 
 
-def build_data(cfg) -> DataBundle:
-    """Build loaders for a ``TrainConfig`` (deterministic train/val split by ``cfg.seed``)."""
+def input_channels(cfg) -> int:
+    """Grayscale nets see 1 channel; the torchvision/timm nets get the digit repeated over RGB."""
+    from oscqat.models import is_grayscale_model
+
+    return 1 if is_grayscale_model(cfg.arch) else 3
+
+
+def _tensor_bundle(cfg, x_train, y_train, x_val, y_val, x_test, y_test, num_classes: int) -> DataBundle:
+    x_train, x_val, x_test = _standardize(x_train, x_val, x_test)
     bs = cfg.batch_size
-    if cfg.dataset in ("digits", "synthetic"):
-        if cfg.dataset == "digits":
-            in_chans = 1 if cfg.arch == "demo_net" else 3
-            x, y = load_digits_tensors(cfg.image_size, in_chans)
-            num_classes = 10
-        else:
-            size = cfg.image_size or 32
-            in_chans, num_classes = 3, 10
-            x, y = synthetic_tensors(2048, num_classes, in_chans, size, seed=1234)
-        train_idx, val_idx = _split(len(x), cfg.val_fraction, cfg.seed)
-        x_train, x_val = _standardize(x[train_idx], x[val_idx])
-        return DataBundle(
-            train=TensorLoader(x_train, y[train_idx], bs, shuffle=True, seed=cfg.seed),
-            val=TensorLoader(x_val, y[val_idx], bs * 2, shuffle=False),
-            num_classes=num_classes, in_chans=in_chans, image_size=x.shape[-1],
-        )
+    return DataBundle(
+        train=TensorLoader(x_train, y_train, bs, shuffle=True, seed=cfg.seed),
+        val=TensorLoader(x_val, y_val, bs * 2, shuffle=False),
+        test=TensorLoader(x_test, y_test, bs * 2, shuffle=False),
+        num_classes=num_classes, in_chans=x_train.shape[1], image_size=x_train.shape[-1],
+    )
+
+
+def build_data(cfg) -> DataBundle:
+    """Build the three loaders for a ``TrainConfig`` (train/selection split by ``cfg.seed``)."""
+    if cfg.dataset == "digits":
+        x, y = load_digits_tensors(cfg.image_size, input_channels(cfg))
+        tr, sel, te = three_way_split(len(x), cfg.selection_fraction, cfg.seed)
+        return _tensor_bundle(cfg, x[tr], y[tr], x[sel], y[sel], x[te], y[te], 10)
+    if cfg.dataset == "digits_hard":
+        from oscqat.digits_hard import digits_hard_splits
+
+        return _tensor_bundle(cfg, *digits_hard_splits(cfg.image_size, input_channels(cfg), cfg.selection_fraction,
+                                                       cfg.seed), 10)
+    if cfg.dataset == "synthetic":
+        size = cfg.image_size or 32
+        x, y = synthetic_tensors(2048, 10, 3, size, seed=1234)
+        tr, sel, te = three_way_split(len(x), cfg.selection_fraction, cfg.seed)
+        return _tensor_bundle(cfg, x[tr], y[tr], x[sel], y[sel], x[te], y[te], 10)
     if cfg.dataset == "cifar10":
         return _cifar10(cfg)
     if cfg.dataset == "imagefolder":
         return _imagefolder(cfg)
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
+
+
+def _carve_selection(train_ds, eval_ds, selection_fraction: float, seed: int):
+    """Selection = a seeded subset of the training images, read with the evaluation transform."""
+    from torch.utils.data import Subset
+
+    train_idx, sel_idx = _split(len(train_ds), selection_fraction, seed)
+    return Subset(train_ds, train_idx.tolist()), Subset(eval_ds, sel_idx.tolist())
 
 
 def _cifar10(cfg) -> DataBundle:
@@ -167,13 +208,16 @@ def _cifar10(cfg) -> DataBundle:
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.Resize(size), T.ToTensor(), norm])
     val_tf = T.Compose([T.Resize(size), T.ToTensor(), norm])
     try:
-        train = torchvision.datasets.CIFAR10(str(root), train=True, transform=train_tf, download=cfg.download)
-        val = torchvision.datasets.CIFAR10(str(root), train=False, transform=val_tf, download=cfg.download)
+        train_full = torchvision.datasets.CIFAR10(str(root), train=True, transform=train_tf, download=cfg.download)
+        train_eval = torchvision.datasets.CIFAR10(str(root), train=True, transform=val_tf, download=False)
+        test = torchvision.datasets.CIFAR10(str(root), train=False, transform=val_tf, download=cfg.download)
     except RuntimeError as exc:
         raise FileNotFoundError(f"CIFAR-10 not found under {root} (set data_dir, or download: true): {exc}") from None
+    train, sel = _carve_selection(train_full, train_eval, cfg.selection_fraction, cfg.seed)
     return DataBundle(
         train=TorchLoader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers, drop_last=True),
-        val=TorchLoader(val, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
+        val=TorchLoader(sel, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
+        test=TorchLoader(test, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
         num_classes=10, in_chans=3, image_size=size,
     )
 
@@ -190,10 +234,13 @@ def _imagefolder(cfg) -> DataBundle:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"imagefolder expects {root}/train and {root}/val (ImageNet layout)")
-    train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
-    val = torchvision.datasets.ImageFolder(str(root / "val"), val_tf)
+    train_full = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
+    train_eval = torchvision.datasets.ImageFolder(str(root / "train"), val_tf)
+    test = torchvision.datasets.ImageFolder(str(root / "val"), val_tf)  # val/ is the held-out test split
+    train, sel = _carve_selection(train_full, train_eval, cfg.selection_fraction, cfg.seed)
     return DataBundle(
         train=TorchLoader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers, drop_last=True),
-        val=TorchLoader(val, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
-        num_classes=len(train.classes), in_chans=3, image_size=size,
+        val=TorchLoader(sel, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
+        test=TorchLoader(test, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
+        num_classes=len(train_full.classes), in_chans=3, image_size=size,
     )

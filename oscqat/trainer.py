@@ -23,7 +23,7 @@ from oscqat.config import TrainConfig
 from oscqat.cost import model_cost
 from oscqat.dampening import dampening_loss, enable_fused_dampening
 from oscqat.data import DataBundle, build_data
-from oscqat.metrics import METRIC_NAMES  # noqa: F401 - re-exported
+from oscqat.metrics import METRIC_NAMES, TEST_METRICS  # noqa: F401 - re-exported
 from oscqat.models import create_model
 from oscqat.models.registry import load_state_into, safe_torch_load
 from oscqat.oscillation import OscillationTracker
@@ -229,7 +229,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader=None) -> tuple[float, float]:
-        """Mean cross-entropy and top-1 accuracy over ``loader`` (default: validation set)."""
+        """Mean cross-entropy and top-1 accuracy over ``loader`` (default: the selection split)."""
         loader = loader or self.data.val
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -258,10 +258,16 @@ class Trainer:
         val_loss_raw, top1_raw = self.evaluate()
         val_loss, top1 = val_loss_raw, top1_raw
         last_epoch = self.epoch + 1 >= self.cfg.epochs
+        test = dict.fromkeys(TEST_METRICS)
+        if last_epoch:
+            test_loss, test["test_top1_no_bnre"] = self.evaluate(self.data.test)
+            test["test_loss"], test["test_top1"] = test_loss, test["test_top1_no_bnre"]
         if self.cfg.bn_reestimate_batches > 0 and bn_layers(self.model):
             saved = None if last_epoch else bn_state(self.model)
             reestimate_bn(self.model, self._bn_batches(), self.cfg.bn_reestimate_batches, self.device)
             val_loss, top1 = self.evaluate()
+            if last_epoch:
+                test["test_loss"], test["test_top1"] = self.evaluate(self.data.test)
             if saved is not None:  # keep training on running statistics; the final model keeps re-estimated ones
                 self.model.load_state_dict(saved, strict=False)
         osc = self.tracker.summary() if self.tracker is not None else {}
@@ -286,6 +292,7 @@ class Trainer:
             "epoch_time_s": time.perf_counter() - start,
             "samples_per_s": train["_samples"] / max(train_time, 1e-9),
             **self.cost(),
+            **test,
         }
         self.history.append(metrics)
         self.layer_history.append(

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from oscqat.config import ConfigError, TrainConfig, check_arch, load_yaml_mapping, parse_bits, validate_config
+from oscqat.config import (FIELD_ALIASES, ConfigError, DatasetName, TrainConfig, check_arch, load_yaml_mapping,
+                           parse_bits, validate_config)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # TrainConfig fields the campaign controls itself, so `base` may not set them.
@@ -106,7 +107,7 @@ class Campaign(_Strict):
 
     name: str
     targets: list[Target] = Field(min_length=1)
-    dataset: Literal["digits", "cifar10", "imagefolder", "synthetic"] = "digits"
+    dataset: DatasetName = "digits"
     base: dict[str, Any] = Field(default_factory=dict)
     space: str | None = None  # default: the target's arch
     budget: Budget = Field(default_factory=Budget)
@@ -139,7 +140,7 @@ class Campaign(_Strict):
         owned = sorted(set(v) & _CAMPAIGN_OWNED)
         if owned:
             raise ValueError(f"base may not set {owned}: the campaign sets them (targets, budget.max_epochs, seed, dataset)")
-        unknown = sorted(set(v) - set(TrainConfig.model_fields))
+        unknown = sorted(set(v) - set(TrainConfig.model_fields) - set(FIELD_ALIASES))
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}")
         return v

@@ -171,7 +171,8 @@ def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tu
 
         fp_cfg = TrainConfig.model_validate({
             **{k: v for k, v in campaign.base.items() if k in ("data_dir", "download", "image_size", "val_fraction",
-                                                                "batch_size", "num_workers", "device")},
+                                                                "selection_fraction", "batch_size", "num_workers",
+                                                                "device")},
             "arch": target.arch, "bits": "fp32", "dataset": campaign.dataset, "seed": campaign.seed,
             "epochs": campaign.fp_pretrain.epochs, "lr": campaign.fp_pretrain.lr,
             "weight_decay": campaign.fp_pretrain.weight_decay, "bn_reestimate_batches": 0,

@@ -14,7 +14,8 @@ from spaces import SpaceError, is_active, list_spaces, load_space, load_space_fi
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ["demo_net", "efficientnet_lite0", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18"]
+SHIPPED = ["demo_net", "efficientnet_lite0", "mini_mobilenet_v2", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
+           "resnet18"]
 REQUIRED_BITS = {"w2a2", "w3a3", "w4a4", "w4a8"}
 REQUIRED_PARAMS = {"lr", "weight_decay", "quantizer_lr", "method", "dampen_lambda", "dampen_start",
                    "freeze_threshold_start", "freeze_threshold_end", "freeze_start", "osc_momentum"}

@@ -49,6 +49,9 @@ def test_save_resume_equals_uninterrupted_run(tmp_path):
         for name in METRIC_NAMES:
             if name in TIMING_METRICS:
                 continue
+            if a[name] is None:  # the test split is measured at the last epoch only
+                assert b[name] is None, (epoch, name)
+                continue
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), (epoch, name)
     assert history[1] is m2
     # the models themselves are identical: weights, scales, frozen masks and integers, BN stats
@@ -89,6 +92,9 @@ def test_short_w3a3_demo_run_reaches_sensible_accuracy():
     assert final["dampen_lambda"] > 0 and final["freeze_threshold"] > 0
     for m in history:
         for name in METRIC_NAMES:
+            if m is not final and name.startswith("test_"):  # the test split: last epoch only
+                assert m[name] is None, name
+                continue
             assert isinstance(m[name], (int, float)) and m[name] == m[name], name  # no NaN
 
 
@@ -164,3 +170,19 @@ def test_scale_flip_frac_is_reported_and_low_at_the_demo_quantizer_lr():
     for m in history:
         assert 0.0 <= m["scale_flip_frac"] <= 1.0
     assert history[-1]["scale_flip_frac"] < 0.5, history  # oscillations are the weights' own
+
+
+def test_test_split_is_measured_at_the_last_epoch_only():
+    """test_top1 (with and without BN re-estimation) and test_loss: None before the last epoch, then
+    the held-out split's numbers; val_top1 (selection) every epoch."""
+    from oscqat.trainer import TEST_METRICS
+
+    trainer = Trainer(TrainConfig(**tiny_train_kwargs(epochs=2)))
+    first, last = trainer.fit()
+    assert all(first[k] is None for k in TEST_METRICS)
+    assert all(isinstance(last[k], float) for k in TEST_METRICS)
+    assert 0.0 <= last["test_top1_no_bnre"] <= 1.0 and last["test_loss"] > 0
+    loss, top1 = trainer.evaluate(trainer.data.test)  # the final model keeps the re-estimated BN statistics
+    assert (loss, top1) == pytest.approx((last["test_loss"], last["test_top1"]))
+    assert trainer.data.test.num_samples == round(1797 * 0.2)
+    assert first["val_top1"] is not None

@@ -19,9 +19,15 @@ _LIBRARY_WEIGHTS = {
 }
 
 
-def register_model(name: str):
+# Small nets built for the offline digits benchmarks: they take the 1-channel images as they are.
+_GRAYSCALE = set()
+
+
+def register_model(name: str, grayscale: bool = False):
     def wrap(fn):
         _MODELS[name] = fn
+        if grayscale:
+            _GRAYSCALE.add(name)
         return fn
 
     return wrap
@@ -29,6 +35,11 @@ def register_model(name: str):
 
 def list_models() -> list[str]:
     return sorted(_MODELS)
+
+
+def is_grayscale_model(name: str) -> bool:
+    """True for nets that see digits as 1 channel (the others get it repeated over RGB)."""
+    return name in _GRAYSCALE
 
 
 def is_library_weight_name(name: str) -> bool:
@@ -51,13 +62,22 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
             return
 
 
-@register_model("demo_net")
+@register_model("demo_net", grayscale=True)
 def _demo_net(num_classes: int, in_chans: int, weights=None) -> nn.Module:
     from oscqat.models.demo_net import DemoNet
 
     if weights is not None:
         raise ValueError("demo_net has no library weights; pass a checkpoint path")
     return DemoNet(num_classes=num_classes, in_chans=in_chans)
+
+
+@register_model("mini_mobilenet_v2", grayscale=True)
+def _mini_mobilenet_v2(num_classes: int, in_chans: int, weights=None) -> nn.Module:
+    from oscqat.models.mini_mobilenet_v2 import MiniMobileNetV2
+
+    if weights is not None:
+        raise ValueError("mini_mobilenet_v2 has no library weights; pass a checkpoint path")
+    return MiniMobileNetV2(num_classes=num_classes, in_chans=in_chans)
 
 
 def _torchvision(builder_name: str):
