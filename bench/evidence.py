@@ -38,8 +38,16 @@ DATASET = "digits_hard"
 NETS = ("demo_net", "mini_mobilenet_v2")
 METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
 LABELS = ("lsq", "lsq+bnre", "dampen", "freeze", "dampen+freeze")
-SHIPPED_QUANTIZER_LR = 1e-5  # the release's value; the spaces' starting points use it too
-QAT = dict(dataset=DATASET, batch_size=64, lr=0.02, weight_decay=5e-5, quantizer_lr=SHIPPED_QUANTIZER_LR,
+
+
+def shipped_quantizer_lr(bits: str) -> float:
+    """The demo space's starting-point quantizer lr at these bits (scale-driven flips well under half)."""
+    from spaces import load_space
+
+    return float(load_space("demo_net", bits).starting_point("lsq-baseline")["quantizer_lr"])
+
+
+QAT = dict(dataset=DATASET, batch_size=64, lr=0.02, weight_decay=5e-5,
            osc_momentum=0.01, dampen_lambda=0.1, freeze_threshold_start=0.1, freeze_threshold_end=0.011,
            bn_reestimate_batches=20, device="cpu")
 # MobileNetV2 W3 release recipes (METHOD.md section 7): dampening OR freezing, never both.
@@ -226,7 +234,8 @@ def oscillation_section(quick: bool, work: Path, fig_dir: Path) -> dict:
     rows = []
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for col, (arch, bits) in enumerate((a, b) for a in NETS for b in ("w4a4", "w3a3")):
-        cfg = TrainConfig(**{**QAT, "arch": arch, "bits": bits, "method": "lsq", "epochs": epochs, "seed": 0,
+        cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(bits), "arch": arch, "bits": bits,
+                             "method": "lsq", "epochs": epochs, "seed": 0,
                              "bn_reestimate_batches": 0, "pretrained": str(work / f"fp-{arch}.pt")})
         t = Trainer(cfg)
         t.fit()
@@ -271,7 +280,8 @@ def accuracy_section(quick: bool, work: Path, fig_dir: Path) -> dict:
             r = runs.setdefault((arch, bits), {k: [] for k in LABELS})
             for seed in seeds:
                 for method in METHODS:
-                    cfg = TrainConfig(**{**QAT, "arch": arch, "bits": bits, "method": method, "epochs": epochs,
+                    cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(bits), "arch": arch, "bits": bits,
+                                         "method": method, "epochs": epochs,
                                          "seed": seed, "pretrained": str(work / f"fp-{arch}.pt")})
                     last = Trainer(cfg).fit()[-1]
                     if method == "lsq":
@@ -369,7 +379,7 @@ def search_section(quick: bool, work: Path, fig_dir: Path) -> dict:
     curves = {"random": [], "tpe_asha": []}
     for seed in seeds:
         for name, recipe in (*RELEASE.items(), ("adapted-freeze", ADAPTED)):
-            cfg = TrainConfig(**{**QAT, **recipe, "arch": SEARCH_ARCH, "bits": SEARCH_BITS, "epochs": max_epochs,
+            cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(SEARCH_BITS), **recipe, "arch": SEARCH_ARCH, "bits": SEARCH_BITS, "epochs": max_epochs,
                                  "seed": seed, "pretrained": str(fp)})
             t = Trainer(cfg)
             last = t.fit()[-1]
@@ -468,7 +478,7 @@ def write_markdown(res: dict, quick: bool, command: str, elapsed: float) -> str:
     lines += ["", "The figure shows λ = 1.0; the paper's λ is 0.1 (both rows above).", "",
               "## 2. Oscillations (depthwise vs pointwise) and BN re-estimation", "",
               "![oscillations](figures/oscillation_fraction.png)", "",
-              f"Plain LSQ from the FP checkpoint, {osc['epochs']} epochs, quantizer lr {SHIPPED_QUANTIZER_LR:g}. "
+              f"Plain LSQ from the FP checkpoint, {osc['epochs']} epochs, quantizer lr from the demo space's starting points. "
               "Oscillating fraction = mean over the second half of training. BN mismatch measured on the selection "
               "split (disjoint from the training batches BN re-estimation uses); top-1 on the test split.", "",
               "| net / bits | osc. depthwise | osc. pointwise | BN mean shift before → after | "
