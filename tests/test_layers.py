@@ -10,7 +10,7 @@ from oscqat import QuantConfig, QuantConv2d, QuantLinear, create_model, layer_bi
 from oscqat.layers import QuantMixin
 
 EXPECTED_MODELS = {"demo_net", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_lite0",
-                   "resnet18"}
+                   "resnet18", "mini_mobilenet_v2"}
 # (first conv, classifier) of each registry model, in module order.
 FIRST_LAST = {
     "demo_net": ("stem.0", "classifier"),
@@ -19,6 +19,7 @@ FIRST_LAST = {
     "mobilenet_v3_large": ("features.0.0", "classifier.3"),
     "efficientnet_lite0": ("conv_stem", "classifier"),
     "resnet18": ("conv1", "fc"),
+    "mini_mobilenet_v2": ("stem.0", "classifier"),
 }
 
 
