@@ -11,16 +11,28 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+
+if TYPE_CHECKING:
+    from search.optuna_search import StateAwareOptunaSearch
 
 log = logging.getLogger(__name__)
 
 TRIAL_ID_ATTR = "tune_trial_id"
 START_POINT_ATTR = "starting_point"
+
+
+def __getattr__(name: str):
+    """``StateAwareOptunaSearch`` lives in ``search.optuna_search`` (it imports Ray Tune, ~2 s):
+    read-only commands import this module for storages and trial states without paying for Ray."""
+    if name == "StateAwareOptunaSearch":
+        from search.optuna_search import StateAwareOptunaSearch
+
+        return StateAwareOptunaSearch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_sampler(seed: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
@@ -94,54 +106,6 @@ class SqliteStorage(optuna.storages.RDBStorage):
         self.engine.dispose()  # connections opened while creating the tables lack the pragmas
 
 
-class StateAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that records ASHA-stopped trials as PRUNED and failed ones as FAIL."""
-
-    def __init__(self, *args, max_epochs: int, start_point_names: list[str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._max_epochs = max_epochs
-        self._start_point_names = list(start_point_names or [])
-        self._suggested = 0
-
-    def suggest(self, trial_id: str):
-        config = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None:
-            ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
-            if self._suggested < len(self._start_point_names):
-                ot_trial.set_user_attr(START_POINT_ATTR, self._start_point_names[self._suggested])
-        self._suggested += 1
-        return config
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        state = trial_state(result, error, self._max_epochs)
-        self._report_last(trial_id, result)
-        if state is TrialState.COMPLETE:
-            return super().on_trial_complete(trial_id, result, error)
-        ot_trial = self._ot_trials[trial_id]
-        try:
-            if state is TrialState.FAIL and result and result.get("failure_reason"):
-                ot_trial.set_user_attr("failure_reason", str(result["failure_reason"])[:500])
-            self._ot_study.tell(ot_trial, None, state=state)
-        except Exception as exc:  # noqa: BLE001 - keep the campaign going, but say why
-            log.warning("could not record trial %s as %s in Optuna: %s", trial_id, state.name, exc)
-        self._completed_trials.add(trial_id)
-
-    def _report_last(self, trial_id: str, result: dict | None) -> None:
-        """Tune hands the final result to on_trial_complete only: keep it as an intermediate value."""
-        if not result or result.get("failure_reason") or self.metric not in result:
-            return
-        step = int(result.get("training_iteration", result.get("epoch", 0)))
-        ot_trial = self._ot_trials[trial_id]
-        try:
-            if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
-                ot_trial.report(float(result[self.metric]), step)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("could not report the last value of %s: %s", trial_id, exc)
-
-
 def trial_state(result: dict | None, error: bool, max_epochs: int) -> TrialState:
     """COMPLETE only for a trial that trained its full budget and stayed finite."""
     if error or (result and result.get("failure_reason")):
@@ -153,7 +117,9 @@ def trial_state(result: dict | None, error: bool, max_epochs: int) -> TrialState
 
 def build_searcher(define_by_run: Callable, starting_points: list[dict], start_point_names: list[str],
                    study_name: str, storage_url: str, seed: int, max_epochs: int,
-                   sampler: str = "tpe") -> StateAwareOptunaSearch:
+                   sampler: str = "tpe") -> "StateAwareOptunaSearch":
+    from search.optuna_search import StateAwareOptunaSearch
+
     return StateAwareOptunaSearch(
         space=define_by_run,
         metric="val_top1",

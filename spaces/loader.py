@@ -20,6 +20,8 @@ from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from oscqat.config import BUILTIN_ARCHS
+
 from spaces.errors import SpaceError
 from spaces.schema import KINDS, AnyParam, BitsSection, ParamSpec, SpaceFileModel, fmt_value
 from spaces.space import ResolvedSpace
@@ -81,7 +83,7 @@ def load_space_file(name_or_path: str | Path) -> SpaceFile:
     source = str(path)
     model = _read_model(path)
     arch = model.arch
-    if arch is not None:
+    if arch is not None and arch not in BUILTIN_ARCHS:
         from oscqat.models import list_models
 
         if arch not in list_models():

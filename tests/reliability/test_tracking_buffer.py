@@ -142,7 +142,7 @@ def test_undeliverable_writes_point_to_report_sync(callback, caplog):
     t = _trial("t4")
     client.down = True
     cb.on_trial_result(0, [], t, _result(1))
-    import search.tracking as tracking
+    import search.trial_callback as tracking
 
     orig = tracking.time.sleep
     tracking.time.sleep = lambda s: None
