@@ -20,12 +20,15 @@ console = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def _results_table(results, title: str, statuses: list[str] | None = None) -> Table:
+    """Names and numbers never wrap (a folded ``efficientnet_lite0`` defeats grep); the params
+    column folds between ``k=v`` items instead."""
     table = Table(title=title)
     cols = ["target", "best val_top1", "best trial", "method", "complete", "pruned", "failed", "params"]
     for col in cols + (["status"] if statuses else []):
-        table.add_column(col, no_wrap=col in ("target", "best trial"))
+        table.add_column(col, no_wrap=col != "params", overflow="fold" if col == "params" else "ellipsis",
+                         justify="right" if col in ("best val_top1", "complete", "pruned", "failed") else "left")
     for i, r in enumerate(results):
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.params.items())
+        params = "\n".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.params.items())
                            if k != "method")
         table.add_row(r.target, f"{r.best_val_top1:.4f}" if r.best_val_top1 is not None else "-",
                       r.best_trial_id or "-", r.method or "-", str(r.counts.get("COMPLETE", 0)),
@@ -34,29 +37,67 @@ def _results_table(results, title: str, statuses: list[str] | None = None) -> Ta
     return table
 
 
+def _results_json(results, statuses: list[str] | None = None) -> str:
+    import json
+
+    rows = [{"target": r.target, "best_val_top1": r.best_val_top1, "best_trial_id": r.best_trial_id,
+             "method": r.method, "params": r.params, "counts": r.counts,
+             **({"status": statuses[i]} if statuses else {})} for i, r in enumerate(results)]
+    return json.dumps(rows, indent=2) + "\n"
+
+
+def command_prefix() -> str:
+    """How to call this installation's tools: ``.venv/bin/`` when they are not on PATH (a
+    README-literal user never activated the venv), else nothing."""
+    import os
+    import shutil
+
+    here = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else None
+    if here is None or not (here / "oscqat").exists():
+        here = Path(sys.executable).parent
+    found = shutil.which("oscqat")
+    if found and Path(found).resolve().parent == here:
+        return ""
+    try:
+        rel = os.path.relpath(here, Path.cwd())
+    except ValueError:
+        rel = str(here)
+    return (str(here) if rel.startswith("..") else rel) + "/"
+
+
 def _print_next_steps(campaign) -> None:
     from search.searcher import redact
 
+    bin_ = command_prefix()
     uri = redact(campaign.mlflow.tracking_uri)  # never print credentials
-    console.print(f"\nCompare trials in the MLflow UI:  [bold]mlflow ui --backend-store-uri {uri}[/]"
-                  if uri.startswith("sqlite") else f"\nCompare trials in the MLflow UI at {uri}")
-    if campaign.optuna_storage.startswith("sqlite"):
-        console.print(f"Optuna dashboard:                 [bold]optuna-dashboard {campaign.optuna_storage}[/]")
-    elif campaign.optuna_storage.startswith("journal:///"):
-        console.print(f"Optuna dashboard:                 [bold]optuna-dashboard "
-                      f"{campaign.optuna_storage.removeprefix('journal:///')}[/]")
-    console.print(f"Export the winner:                [bold]oscqat report export {campaign.name} "
-                  f"--target {campaign.targets[0].label} --out best.yaml[/]")
+    console.print(f"\nMLflow UI and Optuna dashboard:  [bold]{bin_}oscqat ui {campaign.name}[/]", highlight=False)
+    if not uri.startswith("sqlite"):
+        console.print(f"MLflow tracking server:          {uri}", highlight=False)
+    console.print(f"Compare the targets:             [bold]{bin_}oscqat report compare {campaign.name}[/]",
+                  highlight=False)
+    for i, target in enumerate(campaign.targets):
+        label = "Export a winner and train it:" if i == 0 else ""
+        console.print(f"{label:<32} [bold]{bin_}oscqat report export {campaign.name} --target {target.label} "
+                      f"--out best-{target.slug}.yaml[/]", highlight=False)
+    console.print(f"{'':<32} [bold]{bin_}oscqat train best-{campaign.targets[0].slug}.yaml[/]", highlight=False)
+
+
+VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="Ray Tune's full per-trial status output instead of the "
+                                                          "compact progress line")
 
 
 @app.command("run")
 def run(
     campaign_file: Path = typer.Argument(..., help="campaign YAML"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address (auto, ray://host:10001); default: local"),
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Start a new campaign: one Optuna study + ASHA per target, every trial logged to MLflow."""
+    from search import progress
     from search.campaign import load_campaign
     from search.runner import CampaignError, run_campaign
+
+    progress.VERBOSE = verbose
 
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -77,9 +118,13 @@ def run(
 def resume(
     name_or_path: str = typer.Argument(..., help="campaign name (under ./ray_results), directory, or YAML"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address; default: the campaign's"),
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Continue an interrupted campaign: unfinished and errored trials go on from their checkpoints."""
+    from search import progress
     from search.campaign import load_campaign
+
+    progress.VERBOSE = verbose
     from search.runner import CAMPAIGN_FILE, CampaignError, locate_campaign, resume_campaign
 
     logging.basicConfig(level=logging.WARNING)
@@ -95,8 +140,13 @@ def resume(
 
 
 @app.command("status")
-def status(name_or_path: str = typer.Argument(..., help="campaign name, directory, or YAML")) -> None:
+def status(
+    name_or_path: str = typer.Argument(..., help="campaign name, directory, or YAML"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+) -> None:
     """Trials by state per target and the best so far (reads Optuna; starts no Ray)."""
+    if fmt not in ("table", "json"):
+        raise fail(f"--format must be one of table, json, got {fmt!r}")
     from search.campaign import load_campaign
     from search.runner import CAMPAIGN_FILE, CampaignError, locate_campaign, read_state, target_result
 
@@ -110,4 +160,7 @@ def status(name_or_path: str = typer.Argument(..., help="campaign name, director
     state = read_state(campaign_dir)
     results = [target_result(campaign, t) for t in campaign.targets]
     statuses = [state["targets"].get(t.label, {}).get("status", "pending") for t in campaign.targets]
+    if fmt == "json":
+        sys.stdout.write(_results_json(results, statuses))
+        return
     console.print(_results_table(results, f"campaign {campaign.name} ({campaign_dir})", statuses))

@@ -19,11 +19,29 @@ log = logging.getLogger("search.searcher")
 class StateAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that records ASHA-stopped trials as PRUNED and failed ones as FAIL."""
 
-    def __init__(self, *args, max_epochs: int, start_point_names: list[str] | None = None, **kwargs):
+    def __init__(self, *args, max_epochs: int, start_point_names: list[str] | None = None,
+                 study_attrs: dict | None = None, **kwargs):
+        self._study_attrs = dict(study_attrs or {})  # set before super(): it may create the study
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
         self._start_point_names = list(start_point_names or [])
         self._suggested = 0
+
+    def _setup_study(self, mode):
+        """Name the objective (the dashboard shows ``val_top1``, not ``Objective 0``) and record
+        which campaign, target and MLflow runs the study belongs to."""
+        super()._setup_study(mode)
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna
+                warnings.simplefilter("ignore")
+                self._ot_study.set_metric_names([self.metric] if isinstance(self.metric, str)
+                                                else list(self.metric))
+            for key, value in self._study_attrs.items():
+                self._ot_study.set_user_attr(key, value)
+        except Exception as exc:  # noqa: BLE001 - labels only: never stop the search for them
+            log.warning("could not label the Optuna study: %s", exc)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)

@@ -180,7 +180,8 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
     from ray.tune.schedulers import ASHAScheduler
 
     from search.searcher import build_searcher, fail_orphaned_trials
-    from search.tracking import MlflowTrialCallback, client_for, ensure_parent_run
+    from search.progress import progress_callbacks, tune_verbosity
+    from search.tracking import MlflowTrialCallback, client_for, describe_parent, ensure_parent_run
     from search.trial_memory import TrimFinishedTrials
 
     tstate = state["targets"].setdefault(target.label, {})
@@ -193,7 +194,8 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
         "oscqat.ray_experiment_path": exp_path, "oscqat.optuna_study": study_name,
         "oscqat.optuna_storage": redact(campaign.optuna_storage), "oscqat.space": space.name,
         "oscqat.fp_checkpoint": fp_path,
-    })
+    }, base_params={k: v for k, v in base_config.items() if k not in space.params})
+    describe_parent(client, experiment_id, parent_id, campaign, target, space)
     tstate.update(parent_run_id=parent_id, study_name=study_name, experiment_path=exp_path,
                   experiment_id=experiment_id, status="running", fp_checkpoint=fp_path)
     write_state(campaign_dir, state)
@@ -211,7 +213,9 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
         points = space.starting_points if b.enqueue_starting_points else []
         names = space.starting_point_names if b.enqueue_starting_points else []
         searcher = build_searcher(space.define_by_run, points, names, study_name, campaign.optuna_storage,
-                                  campaign.seed, b.max_epochs, sampler=b.searcher)
+                                  campaign.seed, b.max_epochs, sampler=b.searcher,
+                                  study_attrs={"campaign": campaign.name, "target": target.label,
+                                               "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id})
         if b.scheduler == "asha":
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
                                       grace_period=b.grace_period, reduction_factor=b.reduction_factor)
@@ -231,10 +235,11 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
                                         reuse_actors=True),
             run_config=tune.RunConfig(
                 name=target.slug, storage_path=campaign.ray_storage_path(),
-                callbacks=[callback, TrimFinishedTrials()],  # the trimmer last: after MLflow read the trial
+                # the trimmer last: after MLflow read the trial; the compact progress line unless --verbose
+                callbacks=[callback, *progress_callbacks(target.label, b.num_samples, b.max_epochs), TrimFinishedTrials()],
                 failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
-                verbose=1,
+                verbose=tune_verbosity(),
             ),
         )
     print(f"searching {target.label}: {campaign.budget.num_samples} trials, up to {campaign.budget.max_epochs} epochs "
@@ -244,6 +249,7 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
     if orphans:
         log.warning("%d Optuna trial(s) left RUNNING by a stopped driver were marked FAIL", orphans)
     _summarise_parent(campaign, target, client, parent_id, base_config)
+    describe_parent(client, experiment_id, parent_id, campaign, target, space, target_result(campaign, target))
     tstate["status"] = "done"
     write_state(campaign_dir, state)
 

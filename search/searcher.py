@@ -117,7 +117,7 @@ def trial_state(result: dict | None, error: bool, max_epochs: int) -> TrialState
 
 def build_searcher(define_by_run: Callable, starting_points: list[dict], start_point_names: list[str],
                    study_name: str, storage_url: str, seed: int, max_epochs: int,
-                   sampler: str = "tpe") -> "StateAwareOptunaSearch":
+                   sampler: str = "tpe", study_attrs: dict | None = None) -> "StateAwareOptunaSearch":
     from search.optuna_search import StateAwareOptunaSearch
 
     return StateAwareOptunaSearch(
@@ -130,6 +130,7 @@ def build_searcher(define_by_run: Callable, starting_points: list[dict], start_p
         storage=make_storage(storage_url),
         max_epochs=max_epochs,
         start_point_names=start_point_names,
+        study_attrs=study_attrs,
     )
 
 

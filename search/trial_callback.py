@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from search.tracking import SCALAR_METRICS, TAG, client_for, find_child_runs, parse_layer_osc, safe_value
+from search.tracking import (SCALAR_METRICS, TAG, client_for, find_child_runs, parse_layer_osc, safe_value,
+                             trial_description, trial_run_name)
 
 log = logging.getLogger("search.tracking")
 
@@ -128,7 +129,8 @@ class MlflowTrialCallback(Callback):
                 f"{TAG}campaign": self.campaign, f"{TAG}target": self.target_label,
                 f"{TAG}optuna_study": self.study_name}
         try:
-            run = self.client.create_run(self.experiment_id, run_name=tid,
+            run = self.client.create_run(self.experiment_id,
+                                         run_name=trial_run_name(self.target_label, trial.config.get("method"), tid),
                                          tags={k: safe_value(k, v) for k, v in tags.items()})
         except Exception as exc:  # noqa: BLE001
             self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
@@ -148,10 +150,14 @@ class MlflowTrialCallback(Callback):
             self._log_params(trial, self._runs[trial.trial_id], skip=logged)
         return self._runs[trial.trial_id]
 
+    IDENTITY_PARAMS = ("arch", "bits", "epochs")
+
     def _log_params(self, trial, run_id: str, skip: set[str] = frozenset()) -> None:
         from mlflow.entities import Param
 
-        params = {**self.base_config, **trial.config}
+        # what the search chose (active params only) and what the trial is; the fixed rest of the
+        # config is on the parent run and in this run's train_config.yaml
+        params = {**{k: self.base_config[k] for k in self.IDENTITY_PARAMS if k in self.base_config}, **trial.config}
         items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items()) if k not in skip]
         for i in range(0, len(items), 90):
             chunk = items[i:i + 90]
@@ -217,6 +223,13 @@ class MlflowTrialCallback(Callback):
         if reason:
             self._write(f"failure reason of {tid}",
                         lambda: self.client.set_tag(run(), f"{TAG}failure_reason", safe_value("reason", reason)[:4000]))
+        result = trial.last_result or {}
+        epochs = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
+        name = trial_run_name(self.target_label, trial.config.get("method"), tid, state, epochs)
+        note = trial_description(state, epochs, self.max_epochs, result, reason)
+        self._write(f"name of {tid}", lambda: self.client.update_run(run(), name=name))
+        self._write(f"description of {tid}", lambda: self.client.set_tag(run(), "mlflow.note.content", note))
+        self._write(f"epochs of {tid}", lambda: self.client.set_tag(run(), f"{TAG}epochs", str(epochs)))
         self._write(f"artifacts of {tid}", lambda: self._log_artifacts(run(), trial))
         self._write(f"status of {tid}", lambda: self.client.set_terminated(run(), status))
 

@@ -47,6 +47,11 @@ class FakeClient:
         self._check()
         self.runs[run_id]["tags"][key] = value
 
+    def update_run(self, run_id, status=None, name=None):
+        self._check()
+        if name is not None:
+            self.runs[run_id]["name"] = name
+
     def set_terminated(self, run_id, status):
         self._check()
         self.runs[run_id]["status"] = status
