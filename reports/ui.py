@@ -49,7 +49,9 @@ def _bin(name: str) -> str:
 def mlflow_server(store: CampaignStore, port: int) -> Server | None:
     uri = store.tracking_uri
     view = store.client.get_experiment(store.experiment_id).tags.get(f"mlflow.sharedViewState.{VIEW_KEY}")
-    page = f"#/experiments/{store.experiment_id}/runs" + (f"?viewStateShareKey={VIEW_KEY}" if view else "")
+    # workflowType: the UI's global GenAI / model-training switch defaults to GenAI for a new browser
+    page = f"#/experiments/{store.experiment_id}/runs?workflowType=machine_learning" + (
+        f"&viewStateShareKey={VIEW_KEY}" if view else "")
     if uri.startswith(("http://", "https://")):
         return Server("MLflow", f"{redact(uri).rstrip('/')}/{page}", "")
     base = f"http://127.0.0.1:{port}"

@@ -20,21 +20,36 @@ console = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def _results_table(results, title: str, statuses: list[str] | None = None) -> Table:
-    """Names and numbers never wrap (a folded ``efficientnet_lite0`` defeats grep); the params
-    column folds between ``k=v`` items instead."""
-    table = Table(title=title)
-    cols = ["target", "best val_top1", "best trial", "method", "complete", "pruned", "failed", "params"]
-    for col in cols + (["status"] if statuses else []):
-        table.add_column(col, no_wrap=col != "params", overflow="fold" if col == "params" else "ellipsis",
-                         justify="right" if col in ("best val_top1", "complete", "pruned", "failed") else "left")
+    """Names and numbers never wrap or get cut (a folded ``efficientnet_lite0`` defeats grep): the
+    table has only short columns; the best trials' params follow in ``_params_table``."""
+    table = Table(title=title, title_justify="left")
+    cols = [("target", "left"), ("best\nval_top1", "right"), ("trial", "left"), ("method", "left"),
+            ("complete/\npruned/failed", "right")] + ([("status", "left")] if statuses else [])
+    for col, justify in cols:
+        table.add_column(col, no_wrap=True, justify=justify)
     for i, r in enumerate(results):
-        params = "\n".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.params.items())
-                           if k != "method")
         table.add_row(r.target, f"{r.best_val_top1:.4f}" if r.best_val_top1 is not None else "-",
-                      r.best_trial_id or "-", r.method or "-", str(r.counts.get("COMPLETE", 0)),
-                      str(r.counts.get("PRUNED", 0)), str(r.counts.get("FAIL", 0)), params or "-",
+                      r.best_trial_id or "-", r.method or "-",
+                      f"{r.counts.get('COMPLETE', 0)}/{r.counts.get('PRUNED', 0)}/{r.counts.get('FAIL', 0)}",
                       *([statuses[i]] if statuses else []))
     return table
+
+
+def _params_table(results) -> Table:
+    """The best trial's params per target; the cell folds between ``k=v`` items, never inside one."""
+    table = Table(title="params of the best trials", title_justify="left")
+    table.add_column("target", no_wrap=True)
+    table.add_column("params", overflow="fold")
+    for r in results:
+        table.add_row(r.target, ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in sorted(r.params.items()) if k != "method") or "-")
+    return table
+
+
+def _print_results(results, title: str, statuses: list[str] | None = None) -> None:
+    console.print(_results_table(results, title, statuses))
+    if any(r.params for r in results):
+        console.print(_params_table(results))
 
 
 def _results_json(results, statuses: list[str] | None = None) -> str:
@@ -70,16 +85,19 @@ def _print_next_steps(campaign) -> None:
 
     bin_ = command_prefix()
     uri = redact(campaign.mlflow.tracking_uri)  # never print credentials
-    console.print(f"\nMLflow UI and Optuna dashboard:  [bold]{bin_}oscqat ui {campaign.name}[/]", highlight=False)
+    lines = ["", "[bold]Next steps[/]", "  MLflow UI and Optuna dashboard (Ctrl-C stops them):",
+             f"    {bin_}oscqat ui {campaign.name}"]
     if not uri.startswith("sqlite"):
-        console.print(f"MLflow tracking server:          {uri}", highlight=False)
-    console.print(f"Compare the targets:             [bold]{bin_}oscqat report compare {campaign.name}[/]",
-                  highlight=False)
-    for i, target in enumerate(campaign.targets):
-        label = "Export a winner and train it:" if i == 0 else ""
-        console.print(f"{label:<32} [bold]{bin_}oscqat report export {campaign.name} --target {target.label} "
-                      f"--out best-{target.slug}.yaml[/]", highlight=False)
-    console.print(f"{'':<32} [bold]{bin_}oscqat train best-{campaign.targets[0].slug}.yaml[/]", highlight=False)
+        lines.append(f"    (MLflow tracking server: {uri})")
+    lines += ["  Every trial of a target, and the targets side by side:",
+              f"    {bin_}oscqat report trials {campaign.name} --target {campaign.targets[0].label}",
+              f"    {bin_}oscqat report compare {campaign.name}",
+              "  Export each target's winner, then train it:"]
+    for target in campaign.targets:
+        lines.append(f"    {bin_}oscqat report export {campaign.name} --target {target.label} --out best-{target.slug}.yaml")
+    lines.append(f"    {bin_}oscqat train best-{campaign.targets[0].slug}.yaml")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="Ray Tune's full per-trial status output instead of the "
@@ -97,7 +115,7 @@ def run(
     from search.campaign import load_campaign
     from search.runner import CampaignError, run_campaign
 
-    progress.VERBOSE = verbose
+    progress.set_verbose(verbose)
 
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -110,7 +128,7 @@ def run(
         raise fail(str(exc))
     except CampaignError as exc:
         raise fail(str(exc), code=1)
-    console.print(_results_table(results, f"campaign {campaign.name}: best per target"))
+    _print_results(results, f"campaign {campaign.name}: best per target")
     _print_next_steps(campaign)
 
 
@@ -124,7 +142,7 @@ def resume(
     from search import progress
     from search.campaign import load_campaign
 
-    progress.VERBOSE = verbose
+    progress.set_verbose(verbose)
     from search.runner import CAMPAIGN_FILE, CampaignError, locate_campaign, resume_campaign
 
     logging.basicConfig(level=logging.WARNING)
@@ -135,7 +153,7 @@ def resume(
         raise fail(str(exc))
     except CampaignError as exc:
         raise fail(str(exc), code=1)
-    console.print(_results_table(results, f"campaign {campaign.name}: best per target"))
+    _print_results(results, f"campaign {campaign.name}: best per target")
     _print_next_steps(campaign)
 
 
@@ -163,4 +181,4 @@ def status(
     if fmt == "json":
         sys.stdout.write(_results_json(results, statuses))
         return
-    console.print(_results_table(results, f"campaign {campaign.name} ({campaign_dir})", statuses))
+    _print_results(results, f"campaign {campaign.name} ({campaign_dir})", statuses)

@@ -33,13 +33,26 @@ def progress_callbacks(target_label: str, num_samples: int, max_epochs: int) -> 
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints its boxes even at verbose=0
+    quiet_libraries()
+    return [TargetProgress(target_label, num_samples, max_epochs), JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def set_verbose(verbose: bool) -> None:
+    """Called by the CLI before anything is built: ``--verbose`` or the compact line."""
+    global VERBOSE
+    VERBOSE = verbose
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Optuna's per-study INFO line and its "experimental feature" warnings (TPE's ``group``)."""
     import warnings
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
-    return [TargetProgress(target_label, num_samples, max_epochs), JsonLoggerCallback(), CSVLoggerCallback()]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def _duration(seconds: float) -> str:
