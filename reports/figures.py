@@ -222,6 +222,10 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
                 if any(y == y for y in pys):
                     ax.plot(range(len(xs)), pys, "s--", mfc="none", color=METHOD_COLORS[method],
                             label=f"paper: {method}")
+        fp_top1 = fp_baseline(store, arch)
+        if fp_top1 is not None:
+            ax.axhline(fp_top1 * 100, color="black", ls=":", lw=1.2, label=f"ours: FP baseline ({fp_top1 * 100:.2f})")
+            drawn = True
         ax.set_xticks(range(len(xs)), xs)
         ax.set_xlabel("bit-width")
         ax.set_ylabel("top-1 (%)")
@@ -240,6 +244,16 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
         fig.file = _save(mfig, out_dir, f"accuracy-vs-bits-{slug(arch)}.png")
         figs.append(fig)
     return figs
+
+
+def fp_baseline(store: CampaignStore, arch: str) -> float | None:
+    """The val_top1 of the FP checkpoint the campaign pretrained for ``arch`` (``fp/<arch>.json``,
+    written beside it), or None (a given ``pretrained`` file, or an older campaign)."""
+    path = store.campaign_dir / "fp" / f"{arch}.json"
+    try:
+        return float(json.loads(path.read_text())["val_top1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def best_trial_curves(store: CampaignStore, target, best: TrialRecord | None, out_dir: Path) -> Figure:

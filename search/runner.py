@@ -134,6 +134,7 @@ def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tu
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps({"val_top1": top1}))  # the reports' FP reference line
         print(f"FP checkpoint for {target.arch}: val_top1 {top1:.4f} -> {path}")
     return str(path), torch.load(path, map_location="cpu", weights_only=True)
 
