@@ -95,6 +95,11 @@ def _stop(servers: list[Server]) -> None:
 
 def serve(store: CampaignStore, echo=print, startup_timeout_s: float = 90.0) -> int:
     """Start the servers, print their URLs, block until Ctrl-C (exit 0) or a server dies (exit 1)."""
+    def _interrupt(signum, frame):  # SIGTERM/SIGHUP (a closed terminal, `timeout`) stop both like Ctrl-C
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     servers = [s for s in (mlflow_server(store, free_port()), dashboard_server(store, free_port())) if s]
     started = [s for s in servers if s.argv]
     try:
