@@ -249,7 +249,10 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
 def fp_baseline(store: CampaignStore, arch: str) -> float | None:
     """The val_top1 of the FP checkpoint the campaign pretrained for ``arch`` (``fp/<arch>.json``,
     written beside it), or None (a given ``pretrained`` file, or an older campaign)."""
-    path = store.campaign_dir / "fp" / f"{arch}.json"
+    campaign_dir = getattr(store, "campaign_dir", None)
+    if campaign_dir is None:
+        return None
+    path = Path(campaign_dir) / "fp" / f"{arch}.json"
     try:
         return float(json.loads(path.read_text())["val_top1"])
     except (OSError, ValueError, KeyError, TypeError):
