@@ -89,6 +89,36 @@ def compare(
         sys.stdout.write(text)
 
 
+@app.command("trials")
+def trials(
+    campaign: str = CAMPAIGN_ARG,
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="ARCH/BITS (default: every target)"),
+    sort: str = typer.Option("number", "--sort", "-s", help="number | val_top1 | test_top1 | epochs | state | method"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    tracking_uri: Optional[str] = TRACKING_OPT,
+    optuna_storage: Optional[str] = OPTUNA_OPT,
+) -> None:
+    """Every trial of a target: state, epochs run, method, selection (val) and test top-1, key params."""
+    from reports import trials as tr
+
+    if fmt not in tr.FORMATS:
+        raise fail(f"--format must be one of {', '.join(tr.FORMATS)}, got {fmt!r}")
+    if sort not in tr.SORT_KEYS:
+        raise fail(f"--sort must be one of {', '.join(tr.SORT_KEYS)}, got {sort!r}")
+    with _user_errors():
+        store = _open(campaign, tracking_uri, optuna_storage)
+        targets = [store.target(target)] if target else store.targets
+        per_target = [(t, tr.sort_rows(tr.trial_rows(store, t), sort)) for t in targets]
+    if fmt == "table":
+        for t, rows in per_target:
+            for table in tr.rich_tables(rows, f"campaign {store.campaign.name}: {t.label}, {len(rows)} trials",
+                                        console.width):
+                console.print(table)
+    else:
+        rows = [r for _, rows in per_target for r in rows]
+        sys.stdout.write(tr.to_csv(rows) if fmt == "csv" else tr.to_json(rows))
+
+
 @app.command("export")
 def export(
     campaign: str = CAMPAIGN_ARG,
@@ -117,12 +147,12 @@ def export(
 @app.command("html")
 def html_report(
     campaign: str = CAMPAIGN_ARG,
-    out: Path = typer.Option(..., "--out", "-o", help="output directory (index.html, PNGs, report.json)"),
-    no_log: bool = typer.Option(False, "--no-log", help="don't log the report on the parent runs"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (index.html with its figures embedded, report.json)"),
+    no_log: bool = typer.Option(False, "--no-log", help="don't log the report to MLflow"),
     tracking_uri: Optional[str] = TRACKING_OPT,
     optuna_storage: Optional[str] = OPTUNA_OPT,
 ) -> None:
-    """A self-contained HTML report (works offline), also logged as artifact report/ on each parent run."""
+    """One self-contained HTML file (figures embedded; works offline and mailed), logged once to MLflow."""
     from reports.html import build_report, figure_files, log_report
 
     with _user_errors():
@@ -130,8 +160,8 @@ def html_report(
         manifest = build_report(store, out)
         parents = [] if no_log else log_report(store, out, manifest)
     n = len(figure_files(manifest))
-    console.print(f"report: {out / 'index.html'} ({n} figures, {len(manifest['sections'])} sections)"
-                  + (f"; logged on {len(parents)} parent run(s)" if parents else ""), highlight=False)
+    console.print(f"report: {out / 'index.html'} ({n} figures embedded, {len(manifest['sections'])} sections)"
+                  + (f"; logged as report/index.html on parent run {parents[0]}" if parents else ""), highlight=False)
 
 
 @app.command("plot")

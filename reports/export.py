@@ -45,7 +45,10 @@ def trial_config(store: CampaignStore, rec: TrialRecord) -> TrainConfig:
         if not rec.params:
             raise ReportError(f"trial {rec.trial_id} has no MLflow run with params or train_config.yaml; "
                               f"run `oscqat report sync {store.campaign.name}` first")
-        data = {k: (None if v == "None" else v) for k, v in rec.params.items() if k in TrainConfig.model_fields}
+        # trials log what the search chose; the fixed rest of the config is on their parent run
+        parent = rec.tags.get("mlflow.parentRunId")
+        params = {**(store.client.get_run(parent).data.params if parent else {}), **rec.params}
+        data = {k: (None if v == "None" else v) for k, v in params.items() if k in TrainConfig.model_fields}
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:

@@ -23,6 +23,7 @@ from reports.paper import PAPER_FP_TOP1, PAPER_SOURCE, paper_numbers  # noqa: E4
 from reports.store import CampaignStore, TrialRecord  # noqa: E402
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
+TRUSTED_TRIALS_FOR_IMPORTANCE = 20  # fewer COMPLETE trials: the figure is drawn with a caveat
 METHOD_ORDER = ("lsq", "dampen", "freeze", "dampen+freeze")
 METHOD_COLORS = {"lsq": "tab:gray", "dampen": "tab:blue", "freeze": "tab:orange", "dampen+freeze": "tab:green"}
 DPI = 100
@@ -129,16 +130,40 @@ def _optuna_one(fig: Figure, make, out_dir: Path, name: str, wide: bool = False)
     if isinstance(ax, np.ndarray):
         mfig.suptitle(fig.title)
     else:
+        for loc in ("left", "right"):  # Optuna titles some plots on the left: one title, ours
+            ax.set_title("", loc=loc)
         ax.set_title(fig.title)
     if wide:
-        import numpy as np
-
         n = np.size(ax)
         mfig.set_size_inches(min(3.0 * n + 1, 30), 4.2)
         for a in np.ravel(ax):
+            _declutter(a.xaxis)
             a.tick_params(axis="x", labelrotation=35, labelsize=7)
+    if fig.key == "parallel":  # one twin y axis per param: room between them, few short labels
+        mfig.set_size_inches(min(1.9 * len(mfig.axes) + 2, 30), 4.8)
+        for a in mfig.axes:
+            _declutter(a.yaxis)
+            a.tick_params(axis="y", labelsize=7)
     fig.file = _save(mfig, out_dir, name)
     return fig
+
+
+def _declutter(axis, ticks: int = 4) -> None:
+    """At most ``ticks`` labelled ticks on a numeric axis and no labelled minor ticks on a log one
+    (Optuna's defaults overlap: ``5x10^-2`` labels every few pixels). Category axes are left alone."""
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    from matplotlib.category import StrCategoryLocator
+
+    if isinstance(axis.get_major_locator(), (FixedLocator, StrCategoryLocator)):
+        return
+    lo, hi = sorted(axis.get_view_interval())
+    if axis.get_scale() == "log" and lo > 0 and hi / lo >= 10:
+        axis.set_major_locator(LogLocator(numticks=ticks))
+    else:  # linear, or log within one decade (no power of ten inside to label)
+        axis.set_major_locator(MaxNLocator(nbins=ticks - 1))
+        axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _importances(study, complete: list, fig: Figure, out_dir: Path, name: str) -> Figure:
@@ -159,10 +184,16 @@ def _importances(study, complete: list, fig: Figure, out_dir: Path, name: str) -
             fig.note = f"Optuna could not compute importances: {exc.__class__.__name__}: {str(exc)[:200]}"
             return fig
     fig = _optuna_one(fig, lambda: ovm.plot_param_importances(study), out_dir, name)
+    notes = []
+    if len(complete) < TRUSTED_TRIALS_FOR_IMPORTANCE and fig.file:
+        notes.append(f"caution: computed from only {len(complete)} COMPLETE trials; below about "
+                     f"{TRUSTED_TRIALS_FOR_IMPORTANCE} the ranking is noise-dominated, read it as a hint only")
     shaky = [w for w in caught if "less than 2 trials" in str(w.message)]
     if shaky and fig.file:
-        fig.note = (f"caution: for {len(shaky)} param(s) some regimes have fewer than 2 trials, so Optuna says "
-                    f"their importance may be inaccurate")
+        notes.append(f"for {len(shaky)} param(s) some regimes have fewer than 2 trials, so Optuna says "
+                     f"their importance may be inaccurate")
+    if notes:
+        fig.note = "; ".join(notes)
     return fig
 
 
@@ -191,6 +222,10 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
                 if any(y == y for y in pys):
                     ax.plot(range(len(xs)), pys, "s--", mfc="none", color=METHOD_COLORS[method],
                             label=f"paper: {method}")
+        fp_top1 = fp_baseline(store, arch)
+        if fp_top1 is not None:
+            ax.axhline(fp_top1 * 100, color="black", ls=":", lw=1.2, label=f"ours: FP baseline ({fp_top1 * 100:.2f})")
+            drawn = True
         ax.set_xticks(range(len(xs)), xs)
         ax.set_xlabel("bit-width")
         ax.set_ylabel("top-1 (%)")
@@ -209,6 +244,19 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
         fig.file = _save(mfig, out_dir, f"accuracy-vs-bits-{slug(arch)}.png")
         figs.append(fig)
     return figs
+
+
+def fp_baseline(store: CampaignStore, arch: str) -> float | None:
+    """The val_top1 of the FP checkpoint the campaign pretrained for ``arch`` (``fp/<arch>.json``,
+    written beside it), or None (a given ``pretrained`` file, or an older campaign)."""
+    campaign_dir = getattr(store, "campaign_dir", None)
+    if campaign_dir is None:
+        return None
+    path = Path(campaign_dir) / "fp" / f"{arch}.json"
+    try:
+        return float(json.loads(path.read_text())["val_top1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def best_trial_curves(store: CampaignStore, target, best: TrialRecord | None, out_dir: Path) -> Figure:

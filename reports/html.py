@@ -1,15 +1,18 @@
-"""``report html``: one offline HTML page (inline CSS, no scripts, PNGs next to it) per campaign.
+"""``report html``: one offline HTML page per campaign (inline CSS, figures as data URIs, no scripts).
 
-The folder is the report: ``index.html``, the PNGs it references by relative path and
-``report.json`` (the same content as data: rows, figures, notes), so it can be zipped, opened
-offline or logged as an MLflow artifact as is.
+``index.html`` is the whole report: it works mailed, opened offline or inside MLflow's artifact
+viewer. ``report.json`` beside it holds the same content as data (rows, figures, notes).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
 import json
+import tempfile
+from fractions import Fraction
+from math import lcm
 from pathlib import Path
 
 from reports.compare import compare_rows, params_text
@@ -26,6 +29,9 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:.9em}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.5em 0}
 .meta{color:#555} code{background:#f5f5f5;padding:0 .2em} .scroll{overflow-x:auto}
+.card{border:1px solid #cfd8dc;border-radius:6px;padding:.6em 1em;margin:1em 0;background:#f7fbff}
+.card h3{margin:.2em 0 .4em} .card .big{font-size:1.5em;font-weight:600} .card pre{background:#eef2f5;padding:.4em .6em;overflow-x:auto}
+.tag{display:inline-block;padding:0 .4em;border-radius:3px;font-size:.85em} .ok{background:#c8e6c9} .warn{background:#ffe0b2}
 """
 
 
@@ -37,12 +43,16 @@ def _f(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _figure_html(fig: Figure) -> str:
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figure_html(fig: Figure, fig_dir: Path) -> str:
     parts = [f'<section class="figure" id="fig-{_e(fig.file or fig.key)}"><h3>{_e(fig.title)}</h3>']
     if fig.note:
         parts.append(f'<p class="note">{_e(fig.note)}</p>')
-    if fig.file:
-        parts.append(f'<figure><img src="{_e(fig.file)}" alt="{_e(fig.title)}">'
+    if fig.file:  # embedded: the page is one file that works anywhere
+        parts.append(f'<figure><img src="{_data_uri(fig_dir / fig.file)}" alt="{_e(fig.title)}">'
                      f'<figcaption>{_e(fig.caption)}</figcaption></figure>')
     parts.append("</section>")
     return "".join(parts)
@@ -97,13 +107,82 @@ def paper_table(store: CampaignStore) -> tuple[str, list[dict]]:
     return f"<table id='paper'>{head}{body}</table>", rows
 
 
+def selection_size(values: list[float], logged: float | None = None) -> int | None:
+    """Images in the selection split: logged by the trial, else the least common denominator of
+    the trials' accuracies (each is correct/total), which is exact once a few trials differ."""
+    if logged:
+        return int(logged)
+    dens = [Fraction(v).limit_denominator(200_000).denominator for v in values if v is not None and 0 < v < 1]
+    if not dens:
+        return None
+    n = 1
+    for d in dens:
+        n = lcm(n, d)
+    return n if n <= 200_000 else None
+
+
+def winner_card(store: CampaignStore, target, row: dict) -> str:
+    """The target's winner: confirmed (retrained with fresh seeds) when the campaign has a confirm
+    stage, else the search's best, labelled unconfirmed; its numbers, ties, and how to reproduce it."""
+    camp = store.campaign
+    ranked = store.ranked(target)
+    if not ranked:
+        return "<div class='card'><h3>No winner yet</h3><p>No COMPLETE trial for this target.</p></div>"
+    best = ranked[0]
+    confirmed_id = row.get("confirmed_trial_id")
+    winner = next((r for r in ranked if r.trial_id == confirmed_id), best) if confirmed_id else best
+    n_sel = selection_size([r.val_top1 for r in store.trials(target)], winner.final.get("selection_size"))
+    one_image = (f"; one image is {100 / n_sel:.2f} points of top-1" if n_sel else "")
+    sel_text = (f"selection split: {n_sel} images{one_image}" if n_sel else "selection split size unknown")
+    lines = []
+    if confirmed_id:
+        status = "<span class='tag ok'>confirmed</span>"
+        seeds = row.get("confirm_seeds")
+        test = row.get("confirmed_test_top1_mean")
+        std = row.get("confirmed_test_top1_std")
+        lines.append(f"<div class='big'>val {_f(row.get('confirmed_val_top1_mean'))} &middot; test "
+                     f"{_f(test)}{' &plusmn; ' + _f(std) if std is not None else ''}</div>")
+        lines.append(f"<p>mean over {_e(len(seeds) if isinstance(seeds, list) else seeds)} fresh seed(s) "
+                     f"(test: sample std); search value {best.val_top1:.4f}</p>")
+    else:
+        status = ("<span class='tag warn'>unconfirmed</span> (the search's best on the selection split; "
+                  "not retrained with fresh seeds)")
+        test = winner.final.get("test_top1")
+        lines.append(f"<div class='big'>val {winner.val_top1:.4f}"
+                     f"{' &middot; test ' + _f(test) if test is not None else ''}</div>")
+    lines.append(f"<p>trial <code>{_e(winner.trial_id)}</code> &middot; method <b>{_e(winner.method)}</b>"
+                 f"{' &middot; starting point ' + _e(winner.starting_point) if winner.starting_point else ''}"
+                 f" &middot; {_e(params_text(row.get('params') or {}))}</p>")
+    lines.append(f"<p class='meta'>{_e(sel_text)}</p>")
+    tol = (0.5 / n_sel) if n_sel else 1e-9
+    ties = [r for r in ranked[1:] if abs(r.val_top1 - best.val_top1) <= tol]
+    if ties:
+        methods = sorted({r.method or "?" for r in [best, *ties]})
+        lines.append(f"<p class='note'>Tie: {len(ties) + 1} trials share the best selection value "
+                     f"{best.val_top1:.4f} ({', '.join(methods)}); the earliest in search order is shown. The search "
+                     f"cannot tell them apart{': a confirm stage with fresh seeds can' if not confirmed_id else ''}."
+                     f"</p>")
+    final = row.get("final_test_top1") or row.get("final_val_top1")
+    if final is not None:
+        lines.append(f"<p>final training run: top-1 {_f(final)}</p>")
+    slug = target.slug
+    lines.append(f"<pre>oscqat report export {_e(camp.name)} --target {_e(target.label)} --out best-{_e(slug)}.yaml\n"
+                 f"oscqat train best-{_e(slug)}.yaml</pre>")
+    return f"<div class='card'><h3>Winner {status}</h3>{''.join(lines)}</div>"
+
+
 def build_report(store: CampaignStore, out_dir: Path) -> dict:
-    """Write ``index.html``, its PNGs and ``report.json`` into ``out_dir``; returns the manifest."""
+    """Write ``index.html`` (figures embedded) and ``report.json`` into ``out_dir``; returns the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    camp = store.campaign
     rows = compare_rows(store)
-    figs = campaign_figures(store, out_dir)
+    with tempfile.TemporaryDirectory() as fig_tmp:
+        return _build(store, out_dir, rows, Path(fig_tmp))
+
+
+def _build(store: CampaignStore, out_dir: Path, rows: list[dict], fig_dir: Path) -> dict:
+    camp = store.campaign
+    figs = campaign_figures(store, fig_dir)
     paper_html, paper_rows = paper_table(store)
     no_paper = sorted({t.arch for t in store.targets if paper_numbers(t.arch) is None})
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -123,7 +202,7 @@ def build_report(store: CampaignStore, out_dir: Path) -> dict:
              "frozen fractions are the best trial's last epoch; compute is trial-epochs run and the sum of their "
              "<code>epoch_time_s</code>.</p>", f"<div class='scroll'>{_summary_table(rows)}</div>",
              "<h2 id='accuracy-vs-bits'>Accuracy vs bit-width</h2>"]
-    parts += [_figure_html(f) for f in figs["overview"]]
+    parts += [_figure_html(f, fig_dir) for f in figs["overview"]]
     fp = ", ".join(f"{arch} {top1}" for arch, top1 in PAPER_FP_TOP1.items())
     parts += [f"<p class='meta'>Paper: {_e(PAPER_SOURCE)}; FP baselines {_e(fp)}. Paper cells are n/a for "
               f"architectures it did not evaluate{' (' + _e(', '.join(no_paper)) + ')' if no_paper else ''}.</p>",
@@ -131,13 +210,9 @@ def build_report(store: CampaignStore, out_dir: Path) -> dict:
     parts += [_figure_html(f) for f in figs["size"]]
     for t in store.targets:
         parts.append(f"<h2 id='target-{_e(t.slug)}'>{_e(t.label)}</h2>")
-        best = store.best(t)
-        if best is not None:
-            parts.append(f"<p>Best trial <code>{_e(best.trial_id)}</code> ({_e(best.method)}"
-                         f"{', starting point ' + _e(best.starting_point) if best.starting_point else ''}): "
-                         f"val_top1 {best.val_top1:.4f}. Export it with <code>oscqat report export {_e(camp.name)} "
-                         f"--target {_e(t.label)} --out best.yaml</code>.</p>")
-        parts += [_figure_html(f) for f in figs["targets"][t.label]]
+        row = next((r for r in rows if r["target"] == t.label), {})
+        parts.append(winner_card(store, t, row))
+        parts += [_figure_html(f, fig_dir) for f in figs["targets"][t.label]]
     parts.append("</body></html>")
     (out_dir / "index.html").write_text("\n".join(parts), encoding="utf-8")
     manifest = {
@@ -155,14 +230,13 @@ def figure_files(manifest: dict) -> list[str]:
 
 
 def log_report(store: CampaignStore, out_dir: Path, manifest: dict) -> list[str]:
-    """Log the report (its own files only, not whatever else is in ``out_dir``) as artifact
-    ``report/`` on every target's parent run."""
-    files = ["index.html", "report.json", *figure_files(manifest)]
-    logged = []
-    for t in store.targets:
-        parent = store.parent_run_id(t)
-        if parent is not None:
-            for name in files:
-                store.client.log_artifact(parent, str(Path(out_dir) / name), artifact_path="report")
-            logged.append(parent)
-    return logged
+    """Log the report (``index.html`` and ``report.json``) once, as artifact ``report/`` on the first
+    target's parent run; the other parents get a tag naming that run. Returns the run logged on."""
+    parents = [p for p in (store.parent_run_id(t) for t in store.targets) if p is not None]
+    if not parents:
+        return []
+    for name in ("index.html", "report.json"):
+        store.client.log_artifact(parents[0], str(Path(out_dir) / name), artifact_path="report")
+    for parent in parents:
+        store.client.set_tag(parent, "oscqat.report", f"runs:/{parents[0]}/report/index.html")
+    return parents[:1]

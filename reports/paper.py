@@ -1,4 +1,4 @@
-"""The paper's reported ImageNet top-1 (METHOD.md section 7), to plot beside our results.
+"""The paper's reported ImageNet top-1 (docs/PAPER.md), to plot beside our results.
 
 Only the architectures the paper evaluated have numbers; everything else is shown as ours only.
 """
@@ -17,7 +17,7 @@ PAPER_TOP1: dict[str, dict[str, dict[str, float]]] = {
 PAPER_FP_TOP1 = {"mobilenet_v2": 71.7, "mobilenet_v3_small": 65.1, "efficientnet_lite0": 75.4}
 PAPER_NOTES = {("efficientnet_lite0", "w4a4", "lsq"): "an author later said this cell may be 73.2"}
 PAPER_SOURCE = ("Nagel et al., Overcoming Oscillations in Quantization-Aware Training, ICML 2022 "
-                "(ImageNet top-1, as quoted in METHOD.md section 7)")
+                "(ImageNet top-1; table and source in docs/PAPER.md)")
 
 
 def paper_numbers(arch: str) -> dict[str, dict[str, float]] | None:

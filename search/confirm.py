@@ -134,6 +134,7 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
     import optuna
     from ray import tune
 
+    from search.progress import progress_callbacks, tune_verbosity
     from search.searcher import make_storage
     from search.tracking import MlflowTrialCallback
     from search.trainable import confirm_trial
@@ -173,10 +174,12 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
             tune_config=tune.TuneConfig(metric="val_top1", mode="max", max_concurrent_trials=campaign.max_concurrent_trials,
                                         reuse_actors=True),
             run_config=tune.RunConfig(
-                name=exp_path.rsplit("/", 1)[-1], storage_path=campaign.ray_storage_path(), callbacks=[callback],
+                name=exp_path.rsplit("/", 1)[-1], storage_path=campaign.ray_storage_path(),
+                callbacks=[callback, *progress_callbacks(f"{target.label} confirm", len(candidates) * len(conf["seeds"]),
+                                                         campaign.budget.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
-                verbose=1,
+                verbose=tune_verbosity(),
             ),
         )
     print(f"confirming {target.label}: top {len(candidates)} config(s) x seeds {list(conf['seeds'])}, "

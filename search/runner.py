@@ -184,6 +184,7 @@ def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tu
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps({"val_top1": top1}))  # the reports' FP reference line
         print(f"FP checkpoint for {target.arch}: val_top1 {top1:.4f} -> {path}")
     return str(path), torch.load(path, map_location="cpu", weights_only=True)
 
@@ -231,7 +232,7 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
     ``state.json`` records the phase (``running`` -> ``searched`` -> ``confirming`` -> ``done``), so a
     resumed campaign continues the phase it was in and never repeats a finished one.
     """
-    from search.tracking import client_for, ensure_parent_run
+    from search.tracking import client_for, describe_parent, ensure_parent_run
 
     tstate = state["targets"].setdefault(target.label, {})
     phase = tstate.get("status") if tstate.get("status") in ("searched", "confirming") else "running"
@@ -244,7 +245,8 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
         "oscqat.ray_experiment_path": exp_path, "oscqat.optuna_study": study_name,
         "oscqat.optuna_storage": redact(campaign.optuna_storage), "oscqat.space": space.name,
         "oscqat.fp_checkpoint": fp_path, "oscqat.stage": "search",
-    })
+    }, base_params={k: v for k, v in base_config.items() if k not in space.params})
+    describe_parent(client, experiment_id, parent_id, campaign, target, space)
     tstate.update(parent_run_id=parent_id, study_name=study_name, experiment_path=exp_path,
                   experiment_id=experiment_id, status=phase, fp_checkpoint=fp_path)
     write_state(campaign_dir, state)
@@ -264,6 +266,8 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
         run_confirm(campaign, target, space, tstate, save_phase, base_config=base_config, fp_state=fp_state,
                     experiment_id=experiment_id, parent_id=parent_id, resume=resume)
     _summarise_parent(campaign, target, client, parent_id, tstate)
+    describe_parent(client, experiment_id, parent_id, campaign, target, space,
+                    target_result(campaign, target, tstate))
     tstate["status"] = "done"
     write_state(campaign_dir, state)
 
@@ -273,12 +277,12 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
     """The search phase: Optuna (TPE or random) proposes, ASHA stops early, Tune runs the trials."""
     from ray import tune
 
+    from search import signals
+    from search.progress import progress_callbacks, tune_verbosity
     from search.rungs import check_campaign_rungs, describe_rungs
     from search.searcher import build_searcher, fail_orphaned_trials
     from search.tracking import MlflowTrialCallback
     from search.trial_memory import TrimFinishedTrials
-
-    from search import signals
 
     b = campaign.budget
     grace, latest_start = check_campaign_rungs(campaign, {target.label: space})[target.label]
@@ -293,7 +297,9 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
         points = space.starting_points if b.enqueue_starting_points else []
         names = space.starting_point_names if b.enqueue_starting_points else []
         searcher = build_searcher(space.define_by_run, points, names, study_name, campaign.optuna_storage,
-                                  campaign.seed, b.max_epochs, sampler=b.searcher)
+                                  campaign.seed, b.max_epochs, sampler=b.searcher,
+                                  study_attrs={"campaign": campaign.name, "target": target.label,
+                                               "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id})
         if b.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
@@ -315,10 +321,11 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
                                         reuse_actors=True),
             run_config=tune.RunConfig(
                 name=target.slug, storage_path=campaign.ray_storage_path(),
-                callbacks=[callback, TrimFinishedTrials()],  # the trimmer last: after MLflow read the trial
+                # the trimmer last: after MLflow read the trial; the compact progress line unless --verbose
+                callbacks=[callback, *progress_callbacks(target.label, b.num_samples, b.max_epochs), TrimFinishedTrials()],
                 failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
-                verbose=1,
+                verbose=tune_verbosity(),
             ),
         )
     rungs = (describe_rungs(grace, b.reduction_factor, b.max_epochs, latest_start) if b.scheduler == "asha"

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
-import tempfile
-import time
-from collections import deque
 from pathlib import Path
-
-from ray.tune import Callback
 
 from oscqat.metrics import SCALAR_METRICS  # noqa: F401 - the one list of metric names
 from search.uris import redact
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    """``MlflowTrialCallback`` lives in ``search.trial_callback`` (it imports Ray Tune, ~2 s), so
+    the read-only commands that use the helpers here start fast."""
+    if name == "MlflowTrialCallback":
+        from search.trial_callback import MlflowTrialCallback
+
+        return MlflowTrialCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 TAG = "oscqat."
 _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
@@ -82,13 +86,85 @@ def safe_value(key: str, value) -> str:
     return redact(str(value))[:6000]
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI layout (traces, judges, evaluation runs)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
-    return client.create_experiment(name)
+    return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+# names and descriptions a person reads in the MLflow UI ---------------------------------------
+def trial_run_name(target_label: str, method: str | None, trial_id: str, state: str | None = None,
+                   epochs: int | None = None) -> str:
+    """``w3a3 · dampen · f9ba8107`` (the parent run names the architecture); a finished trial that
+    did not complete says so: ``· pruned at epoch 2`` or ``· FAILED``."""
+    name = f"{target_label.rsplit('/', 1)[-1]} · {method or '?'} · {trial_id}"
+    if state == "PRUNED":
+        name += f" · pruned at epoch {epochs}" if epochs else " · pruned"
+    elif state == "FAIL":
+        name += " · FAILED"
+    return name
+
+
+def parent_run_name(campaign: str, target) -> str:
+    return f"{campaign} · {target.arch} {target.bits} · search"
+
+
+def trial_description(state: str, epochs: int, max_epochs: int, result: dict, reason: str | None) -> str:
+    """The run's markdown description (``mlflow.note.content``): what happened to the trial."""
+    top1 = result.get("val_top1")
+    top1_text = f"{top1:.4f}" if isinstance(top1, (int, float)) else "-"
+    if state == "COMPLETE":
+        return f"**Complete**: trained all {max_epochs} epochs; selection val_top1 {top1_text}."
+    if state == "PRUNED":
+        return (f"**Pruned** (not a failure): ASHA stopped this trial after epoch {epochs} of {max_epochs} because "
+                f"others were better at that rung; val_top1 {top1_text} at that point.")
+    return f"**Failed** after epoch {epochs} of {max_epochs}: {reason or 'see the failure_reason tag'}."
+
+
+VIEW_KEY = "oscqat-trials"  # the experiment's saved runs view: ``#/experiments/<id>/runs?viewStateShareKey=...``
+VIEW_COLUMNS = ["metrics.`val_top1`", "metrics.`test_top1`", "params.`method`", f"tags.`{TAG}state`",
+                f"tags.`{TAG}epochs`", f"tags.`{TAG}stage`"]
+
+
+def write_trials_view(client, experiment_id: str) -> None:
+    """Save a runs view on the experiment: trials grouped under their parent, every group expanded,
+    with the columns a person compares trials by (MLflow shows none until they are ticked)."""
+    parents = client.search_runs([experiment_id], filter_string=f"tags.`{TAG}role` = 'parent'", max_results=1000)
+    view = {"groupBy": {"aggregateFunction": "max",
+                        "groupByKeys": [{"mode": "tag", "groupByData": "mlflow.parentRunId"}]},
+            "groupsExpanded": {f"tag.mlflow.parentRunId.{p.info.run_id}": True for p in parents},
+            "selectedColumns": VIEW_COLUMNS, "orderByKey": "metrics.`val_top1`", "orderByAsc": False}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+
+
+def parent_description(campaign, target, space_name: str | None, searched: list[str], experiment_id: str,
+                       best: dict | None = None) -> str:
+    """The parent run's markdown description: what was searched, the budget, the best trial, how to export."""
+    b = campaign.budget
+    lines = [f"### {target.arch} {target.bits}: search of campaign `{campaign.name}`", "",
+             f"- **Searched** ({space_name or 'space'}): {', '.join(f'`{p}`' for p in searched) or '-'}",
+             f"- **Budget**: {b.num_samples} trials, up to {b.max_epochs} epochs each"
+             + (f" (ASHA: grace {b.grace_period}, factor {b.reduction_factor:g})" if b.scheduler == "asha" else ""),
+             "- **Selection metric**: `val_top1` on the selection split (the searcher and ASHA see only this)"]
+    if best:
+        link = f"[{best['trial_id']}](#/experiments/{experiment_id}/runs/{best['run_id']})" if best.get("run_id") \
+            else f"`{best['trial_id']}`"
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(best.get("counts", {}).items()))
+        lines += [f"- **Best trial**: {link} ({best.get('method') or '?'}), val_top1 {best['val_top1']:.4f}",
+                  f"- **Trials**: {counts}" if counts else ""]
+    lines += ["", "Export and train the winner:", "",
+              f"    oscqat report export {campaign.name} --target {target.label} --out best.yaml",
+              "    oscqat train best.yaml"]
+    return "\n".join(line for line in lines if line is not None)
 
 
 def git_commit() -> str:
@@ -133,8 +209,10 @@ def find_parent_run(client, experiment_id: str, campaign: str, target_label: str
     return runs[0] if runs else None
 
 
-def ensure_parent_run(client, experiment_id: str, campaign: str, target, tags: dict) -> str:
-    """The target's parent run (reused when the campaign is resumed or re-run)."""
+def ensure_parent_run(client, experiment_id: str, campaign: str, target, tags: dict,
+                      base_params: dict | None = None) -> str:
+    """The target's parent run (reused when the campaign is resumed or re-run). ``base_params``: the
+    config every trial shares, logged here once (trials log only what the search chose)."""
     existing = find_parent_run(client, experiment_id, campaign, target.label)
     if existing is not None:
         if existing.info.status != "RUNNING":
@@ -143,9 +221,36 @@ def ensure_parent_run(client, experiment_id: str, campaign: str, target, tags: d
     all_tags = {f"{TAG}campaign": campaign, f"{TAG}role": "parent", f"{TAG}target": target.label,
                 f"{TAG}arch": target.arch, f"{TAG}bits": target.bits, f"{TAG}git_commit": git_commit(),
                 **{f"{TAG}version.{k}": v for k, v in library_versions().items()}, **tags}
-    run = client.create_run(experiment_id, run_name=f"{campaign}/{target.label}",
+    run = client.create_run(experiment_id, run_name=parent_run_name(campaign, target),
                             tags={k: safe_value(k, v) for k, v in all_tags.items()})
+    if base_params:
+        from mlflow.entities import Param
+
+        items = [Param(k, safe_value(k, v)) for k, v in sorted(base_params.items())]
+        for i in range(0, len(items), 90):
+            client.log_batch(run.info.run_id, params=items[i:i + 90])
+    try:
+        write_trials_view(client, experiment_id)
+    except Exception as exc:  # noqa: BLE001 - a view is a convenience, never a reason to stop
+        log.warning("could not save the MLflow runs view: %s", exc.__class__.__name__)
     return run.info.run_id
+
+
+def describe_parent(client, experiment_id: str, parent_id: str, campaign, target, space, result=None) -> None:
+    """Write the parent's markdown description (and refresh the saved view); ``result``: the target's
+    ``TargetResult`` once its search finished, for the best trial and its link."""
+    best = None
+    if result is not None and result.best_val_top1 is not None:
+        run = find_child_runs(client, experiment_id, parent_id).get(result.best_trial_id)
+        best = {"trial_id": result.best_trial_id, "run_id": run.info.run_id if run else None, "method": result.method,
+                "val_top1": result.best_val_top1, "counts": result.counts}
+    text = parent_description(campaign, target, getattr(space, "name", None), list(getattr(space, "params", {})),
+                              experiment_id, best)
+    try:
+        client.set_tag(parent_id, "mlflow.note.content", text)
+        write_trials_view(client, experiment_id)
+    except Exception as exc:  # noqa: BLE001 - descriptive only
+        log.warning("could not describe the parent run of %s: %s", target.label, exc.__class__.__name__)
 
 
 def find_child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, object]:
@@ -153,244 +258,3 @@ def find_child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str,
     runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                               max_results=50_000)
     return {r.data.tags.get(f"{TAG}trial_id"): r for r in runs if r.data.tags.get(f"{TAG}trial_id")}
-
-
-class MlflowTrialCallback(Callback):
-    """Driver-side Tune callback writing one MLflow child run per trial (picklable for restore)."""
-
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, campaign: str, target_label: str,
-                 base_config: dict, max_epochs: int, study_name: str, stage: str = "search",
-                 points: dict | None = None, ranks: dict | None = None):
-        """``stage``: ``search`` (trial configs are sampled params) or ``confirm`` (configs are
-        ``{confirm_of, seed}``; ``points`` maps a search trial id to its params, ``ranks`` to its rank)."""
-        self.tracking_uri = tracking_uri
-        self.stage = stage
-        self.points = points or {}
-        self.ranks = ranks or {}
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.campaign = campaign
-        self.target_label = target_label
-        self.base_config = base_config
-        self.max_epochs = max_epochs
-        self.study_name = study_name
-        self._init_runtime()
-
-    def _init_runtime(self) -> None:
-        self._client = None
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self._logged_epoch: dict[str, int] = {}
-        self._layer_osc: dict[str, list[dict]] = {}
-        self._retries: dict[str, int] = {}
-        self._pending: deque = deque()  # (description, fn) of writes that failed
-        self._loaded_existing = False
-        self._flushing = False  # a write that creates a run queues more writes: no re-entry
-        self._retry_at = 0.0  # after a failed write, wait before trying the server again
-        self._param_keys: dict[str, set[str]] = {}  # trial id -> params its run had when the driver (re)started
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "_pending", "_loaded_existing",
-                    "_flushing", "_retry_at", "_param_keys"):
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state):
-        state = {"stage": "search", "points": {}, "ranks": {}, **state}  # callbacks pickled before the confirm stage
-        self.__dict__.update(state)
-        self._init_runtime()
-
-    # plumbing -------------------------------------------------------------------
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = client_for(self.tracking_uri)
-        return self._client
-
-    def _write(self, description: str, fn) -> None:
-        """Run a write now if the server answers; else buffer it (order kept) for later."""
-        self._pending.append((description, fn))
-        self.flush()
-
-    RETRY_INTERVAL_S = 5.0
-
-    def flush(self, attempts: int = 1, wait_s: float = 0.0, force: bool = False) -> bool:
-        if self._flushing:
-            return False
-        if self._pending and not force and time.monotonic() < self._retry_at:
-            return False  # the server failed moments ago: keep buffering, do not stall the driver
-        self._flushing = True
-        try:
-            for attempt in range(attempts):
-                if force:
-                    self._retry_at = 0.0
-                while self._pending:
-                    description, fn = self._pending[0]
-                    try:
-                        fn()
-                    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-                        self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
-                        log.warning("MLflow write %s failed (%s); %d write(s) buffered", description,
-                                    exc.__class__.__name__, len(self._pending))
-                        break
-                    self._pending.popleft()
-                if not self._pending:
-                    return True
-                if attempt + 1 < attempts:
-                    time.sleep(wait_s)
-            return not self._pending
-        finally:
-            self._flushing = False
-
-    def _load_existing(self) -> None:
-        if self._loaded_existing:
-            return
-        for trial_id, run in find_child_runs(self.client, self.experiment_id, self.parent_run_id).items():
-            self._runs[trial_id] = run.info.run_id
-            self._param_keys[trial_id] = set(run.data.params)
-            history = self.client.get_metric_history(run.info.run_id, "val_top1")
-            self._logged_epoch[trial_id] = max([self._logged_epoch.get(trial_id, 0), *(m.step for m in history)])
-        self._loaded_existing = True
-
-    def _ensure_run(self, trial) -> str | None:
-        tid = trial.trial_id
-        if tid in self._runs:
-            return self._known_run(trial)
-        if time.monotonic() < self._retry_at:
-            return None  # the server failed moments ago: do not stall the driver on it again
-        try:
-            self._load_existing()
-        except Exception as exc:  # noqa: BLE001
-            self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
-            log.warning("MLflow unreachable while looking up runs: %s", exc.__class__.__name__)
-            return None
-        if tid in self._runs:
-            return self._known_run(trial)
-        tags = {"mlflow.parentRunId": self.parent_run_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
-                f"{TAG}campaign": self.campaign, f"{TAG}target": self.target_label,
-                f"{TAG}optuna_study": self.study_name, f"{TAG}stage": self.stage}
-        if self.stage == "confirm":
-            from search.confirm import CONFIRM_OF
-
-            source = trial.config.get(CONFIRM_OF)
-            tags.update({f"{TAG}{CONFIRM_OF}": source, f"{TAG}confirm_rank": self.ranks.get(source, 0),
-                         f"{TAG}confirm_seed": trial.config.get("seed")})
-        try:
-            name = tid if self.stage != "confirm" else (
-                f"confirm · {tags[f'{TAG}confirm_of']} · seed {tags[f'{TAG}confirm_seed']} · {tid}")
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={k: safe_value(k, v) for k, v in tags.items()})
-        except Exception as exc:  # noqa: BLE001
-            self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
-            log.warning("could not create MLflow run for %s: %s", tid, exc.__class__.__name__)
-            return None
-        run_id = run.info.run_id
-        self._runs[tid] = run_id
-        self._logged_epoch.setdefault(tid, 0)  # epochs buffered before the run existed stay counted
-        self._log_params(trial, run_id)
-        return run_id
-
-    def _known_run(self, trial) -> str:
-        """The trial's existing run. One found after a driver restart gets the params it lacks: the
-        driver may have been killed between creating the run and logging its params."""
-        logged = self._param_keys.pop(trial.trial_id, None)
-        if logged is not None:
-            self._log_params(trial, self._runs[trial.trial_id], skip=logged)
-        return self._runs[trial.trial_id]
-
-    def _log_params(self, trial, run_id: str, skip: set[str] = frozenset()) -> None:
-        from mlflow.entities import Param
-
-        params = {**self.base_config, **self.trial_params(trial)}
-        items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items()) if k not in skip]
-        for i in range(0, len(items), 90):
-            chunk = items[i:i + 90]
-            self._write(f"params of {trial.trial_id}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
-
-    def trial_params(self, trial) -> dict:
-        """The params a trial trains with on top of ``base_config``."""
-        if self.stage != "confirm":
-            return dict(trial.config)
-        from search.confirm import CONFIRM_OF
-
-        return {**self.points[trial.config[CONFIRM_OF]], "seed": int(trial.config["seed"])}
-
-    def _run_for(self, trial) -> str:
-        """The trial's run id, created now if the server was down before; raises while it still is,
-        so a buffered write that needs the run stays buffered instead of being dropped."""
-        run_id = self._ensure_run(trial)
-        if run_id is None:
-            raise ConnectionError(f"no MLflow run for trial {trial.trial_id} yet")
-        return run_id
-
-    # Tune events -------------------------------------------------------------------
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._ensure_run(trial)
-
-    def on_trial_restore(self, iteration, trials, trial, **info):
-        self._ensure_run(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._ensure_run(trial)
-        tid = trial.trial_id
-        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        if "layer_osc" in result:
-            hist = self._layer_osc.setdefault(tid, [])
-            hist[:] = [h for h in hist if h["epoch"] < epoch] + [{"epoch": epoch, "layers": parse_layer_osc(result["layer_osc"])}]
-        if epoch <= self._logged_epoch.get(tid, 0):
-            return  # already logged (or buffered), e.g. before a driver restart: no duplicates
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), ts, epoch) for k in SCALAR_METRICS
-                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
-        self._logged_epoch[tid] = epoch
-        self._write(f"metrics of {tid} epoch {epoch}",
-                    lambda: self.client.log_batch(self._run_for(trial), metrics=metrics))
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        tid = trial.trial_id
-        self._retries[tid] = self._retries.get(tid, 0) + 1
-        self._ensure_run(trial)
-        n = self._retries[tid]
-        self._write(f"retry tag of {tid}", lambda: self.client.set_tag(self._run_for(trial), f"{TAG}retries", str(n)))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        from search.searcher import trial_state
-
-        state = trial_state(result, False, self.max_epochs).name
-        self._finish(trial, state, result.get("failure_reason"))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        reason = getattr(trial, "error_msg", None) or "trial raised (see Ray's error file)"
-        self._finish(trial, "FAIL", str(reason).strip().splitlines()[-1] if reason else None)
-
-    def _finish(self, trial, state: str, reason: str | None) -> None:
-        self._ensure_run(trial)
-        tid = trial.trial_id
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
-        run = lambda: self._run_for(trial)  # noqa: E731 - resolved when the write goes out
-        self._write(f"state of {tid}", lambda: self.client.set_tag(run(), f"{TAG}state", state))
-        if reason:
-            self._write(f"failure reason of {tid}",
-                        lambda: self.client.set_tag(run(), f"{TAG}failure_reason", safe_value("reason", reason)[:4000]))
-        self._write(f"artifacts of {tid}", lambda: self._log_artifacts(run(), trial))
-        self._write(f"status of {tid}", lambda: self.client.set_terminated(run(), status))
-
-    def _log_artifacts(self, run_id: str, trial) -> None:
-        from oscqat.config import TrainConfig
-
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig.model_validate({**self.base_config, **self.trial_params(trial)})
-            (Path(tmp) / "train_config.yaml").write_text(cfg.to_yaml())
-            history = complete_osc_history(trial, self._layer_osc.get(trial.trial_id, []))
-            # The heatmap is drawn on demand by `oscqat report plot` (it cost the driver ~0.3 s
-            # of CPU per trial, 90% of this callback); the data behind it is logged here.
-            (Path(tmp) / "layer_oscillations.json").write_text(json.dumps(history))
-            self.client.log_artifacts(run_id, tmp)
-        self._layer_osc.pop(trial.trial_id, None)  # delivered: free the driver's copy
-
-    def on_experiment_end(self, trials, **info):
-        if not self.flush(attempts=10, wait_s=3.0, force=True):
-            log.error("%d MLflow write(s) could not be delivered; run `oscqat report sync` later", len(self._pending))

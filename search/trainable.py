@@ -7,6 +7,7 @@ driver-side callback, so trial processes need no route to the tracking server.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -47,6 +48,9 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
                 checkpoint_interval_s: float = 0.0) -> None:
     """One trial: ``base_config`` (campaign base + target) updated with the sampled ``params``."""
     _set_threads()
+    # Tune logs "Checkpoint successfully created at: <path>" at INFO for every epoch; Ray forwards
+    # it to the driver's terminal, where it buries the progress line
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TrainConfig.model_validate({**base_config, **params, "pretrained": None})
     fault = os.environ.get("OSCQAT_FAULT_INJECT")  # test hook, see _maybe_inject_fault
     trainer = Trainer(cfg, pretrained_state=fp_state)

@@ -27,8 +27,14 @@ def _group() -> None:
 
 
 @app.command("list")
-def list_cmd(as_json: bool = typer.Option(False, "--json", help="print a JSON list on stdout")) -> None:
+def list_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list on stdout (same as --format json)"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+) -> None:
     """List the shipped spaces with their bit-widths and parameters."""
+    if fmt not in ("table", "json"):
+        raise fail(f"--format must be one of table, json, got {fmt!r}")
+    as_json = as_json or fmt == "json"
     from spaces.errors import SpaceError
     from spaces.loader import list_spaces, load_space_file
 
@@ -44,11 +50,18 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="print a JSON li
         sys.stdout.write(json.dumps(rows) + "\n")
         return
     table = Table(title="search spaces")
-    for col in ("space", "arch", "bit-widths", "parameters (base)"):
-        table.add_column(col, overflow="fold")
+    longest = max([len(p) for r in rows for p in r["params"]] + [10])
+    # an "arch" column that repeats the space name only costs width; shown when some space differs
+    show_arch = any(r["arch"] != r["space"] for r in rows)
+    for col in ("space", "arch", "bit-widths", "parameters (base)"):  # names never wrap (grep finds them); the
+        if col == "arch" and not show_arch:  # lists wrap between items
+            continue
+        table.add_column(col, no_wrap=col in ("space", "arch"), overflow="fold",
+                         min_width=longest + 1 if col == "parameters (base)" else None)
     for r in rows:
-        table.add_row(r["space"], r["arch"] or "any", ", ".join(r["bits"]), ", ".join(r["params"]))
-    Console().print(table)
+        table.add_row(r["space"], *([r["arch"] or "any"] if show_arch else []), ", ".join(r["bits"]),
+                      ", ".join(r["params"]))
+    Console(width=None if sys.stdout.isatty() else 180).print(table)  # piped: wide, one row per line
 
 
 @app.command("show")

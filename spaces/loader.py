@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from oscqat.config import BUILTIN_ARCHS
+
 from spaces.errors import SpaceError
 from spaces.schema import KINDS, AnyParam, BitsSection, ParamSpec, SpaceFileModel, fmt_value
 from spaces.fields import coerce_value, field_types
@@ -79,7 +81,7 @@ def load_space_file(name_or_path: str | Path) -> SpaceFile:
     source = str(path)
     model = _read_model(path)
     arch = model.arch
-    if arch is not None:
+    if arch is not None and arch not in BUILTIN_ARCHS:
         from oscqat.models import list_models
 
         if arch not in list_models():

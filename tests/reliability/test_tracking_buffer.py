@@ -47,6 +47,11 @@ class FakeClient:
         self._check()
         self.runs[run_id]["tags"][key] = value
 
+    def update_run(self, run_id, status=None, name=None):
+        self._check()
+        if name is not None:
+            self.runs[run_id]["name"] = name
+
     def set_terminated(self, run_id, status):
         self._check()
         self.runs[run_id]["status"] = status
@@ -142,7 +147,7 @@ def test_undeliverable_writes_point_to_report_sync(callback, caplog):
     t = _trial("t4")
     client.down = True
     cb.on_trial_result(0, [], t, _result(1))
-    import search.tracking as tracking
+    import search.trial_callback as tracking
 
     orig = tracking.time.sleep
     tracking.time.sleep = lambda s: None

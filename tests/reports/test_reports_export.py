@@ -43,8 +43,12 @@ def test_export_round_trips_and_is_logged(report_campaign, tmp_path):
     cfg = TrainConfig.from_yaml(out)  # comments don't break it; unknown keys would
     assert set(yaml.safe_load(text)) == set(TrainConfig.model_fields)
     run = _trial_run(rc, best["best_trial_id"])
-    # the trial's full config: its MLflow params (strings) and its train_config.yaml artifact agree
-    assert {k: str(v) for k, v in cfg.model_dump(mode="json").items()} == run.data.params
+    # the trial's full config: its MLflow params (what the search chose, strings) over its parent's (the
+    # fixed rest) agree with its train_config.yaml artifact
+    parent = rc.client().get_run(run.data.tags["mlflow.parentRunId"])
+    assert set(run.data.params) < set(TrainConfig.model_fields) and "batch_size" not in run.data.params
+    logged = {**parent.data.params, **run.data.params}  # the space's inactive params are in neither
+    assert {k: str(v) for k, v in cfg.model_dump(mode="json").items() if k in logged} == logged
     client = rc.client()
     artifact = client.download_artifacts(run.info.run_id, "train_config.yaml", str(tmp_path / "art"))
     assert TrainConfig.from_yaml(artifact) == cfg

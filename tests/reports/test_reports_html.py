@@ -47,25 +47,35 @@ def test_html_report_sections_figures_and_artifacts(report_campaign, tmp_path):
     assert "id='accuracy-vs-size'" in page and "accuracy-vs-size" in manifest["sections"]
     size = manifest["figures"]["size"]
     assert [f["file"] for f in size] == ["accuracy-vs-size.png"] and "Pareto front" in size[0]["caption"]
-    # every figure file exists, is a PNG, and the page references it by relative path
+    # one file: every figure is embedded as a PNG data URI, no image files beside the page
+    import base64
+
     files = [f["file"] for f in _all_figures(manifest) if f["file"]]
     assert len(files) >= 1 + 2 * 3
-    for name in files:
-        data = (out / name).read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
-        assert f'src="{name}"' in page
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(files)
+    embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == len(files)
+    for data in embedded:
+        png = base64.b64decode(data)
+        assert png[:8] == PNG_MAGIC and len(png) > 5000
+    assert not list(out.glob("*.png")) and sorted(p.name for p in out.iterdir()) == ["index.html", "report.json"]
+    # a winner card per target, unconfirmed without a confirm stage, with the commands to reproduce it
+    assert page.count("<div class='card'><h3>Winner") == 2 and "unconfirmed" in page
+    assert "oscqat report export " in page and "oscqat train best-demo_net-w3a3.yaml" in page
+    assert "docs/PAPER.md" in page and "METHOD.md section 7" not in page
     # offline: nothing is loaded from elsewhere (no scripts, no remote URLs in src/href)
     assert "<script" not in page
     assert not re.findall(r'(?:src|href)=["\']?(?:https?:)?//', page)
-    # logged as artifact report/ on each parent run
+    # logged once, as artifact report/ on the first target's parent; every parent points to it
     client = rc.client()
     exp = client.get_experiment_by_name(rc.experiment).experiment_id
     parents = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'parent'")
     assert len(parents) == 2
+    logged = {p.info.run_id: {Path(a.path).name for a in client.list_artifacts(p.info.run_id, "report")}
+              for p in parents}
+    assert sorted(map(sorted, logged.values())) == [[], ["index.html", "report.json"]]
+    holder = next(rid for rid, names in logged.items() if names)
     for parent in parents:
-        logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
-        assert {"index.html", "report.json", *files} <= logged
+        assert parent.data.tags.get("oscqat.report") == f"runs:/{holder}/report/index.html"
 
 
 def test_plot_writes_only_pngs(report_campaign, tmp_path):

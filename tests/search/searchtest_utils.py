@@ -295,8 +295,11 @@ def check_records(tracking_uri: str, experiment: str, optuna_url: str, campaign:
             assert tags.get("oscqat.target") == label and tags.get("oscqat.campaign") == campaign
             assert tags.get("oscqat.state") == state, f"{label}/{tid}: MLflow state {tags.get('oscqat.state')} vs Optuna {state}"
             assert run.info.status == MLFLOW_STATUS[state], f"{label}/{tid}: status {run.info.status} for {state}"
-            # params: the sampled ones as Optuna has them, plus the campaign base
+            # params: the sampled ones as Optuna has them and what the trial is (arch, bits, epochs); the
+            # fixed rest of the config is on the parent run (and in train_config.yaml)
             params = run.data.params
+            space_only = set(params) - set(trial.params) - {"arch", "bits", "epochs"}
+            assert not space_only, f"{label}/{tid}: params the search did not choose: {sorted(space_only)}"
             for key, value in trial.params.items():
                 assert key in params, f"{label}/{tid}: param {key} missing in MLflow"
                 if isinstance(value, float):
@@ -304,7 +307,7 @@ def check_records(tracking_uri: str, experiment: str, optuna_url: str, campaign:
                 else:
                     assert params[key] == str(value), (key, params[key], value)
             assert params["arch"] == "demo_net" and params["bits"] == label.split("/")[1]
-            assert params["batch_size"] == "128" and params["bn_reestimate_batches"] == "2"
+            assert parent.data.params["batch_size"] == "128" and parent.data.params["bn_reestimate_batches"] == "2"
             assert int(params["epochs"]) == max_epochs
             # per-epoch metrics: step = epoch, 1..n, each exactly once
             hist = {}
@@ -345,8 +348,8 @@ def best_trial(rec: TargetRecords):
 def assert_best_reported(output: str, rec: TargetRecords, status: str | None = None) -> None:
     """The CLI's results table has the target's row with the best trial id and value."""
     best = best_trial(rec)
-    rows = [line for line in output.splitlines() if rec.label in line and "│" in line]
-    assert rows, f"no table row for {rec.label} in:\n{output[-3000:]}"
+    rows = [line for line in output.splitlines() if rec.label in line and "│" in line and "=" not in line]
+    assert rows, f"no table row for {rec.label} in:\n{output[-3000:]}"  # ("=": the best params' table)
     row = rows[-1]
     assert best.user_attrs["tune_trial_id"] in row, row
     assert f"{best.value:.4f}" in row, row
