@@ -34,7 +34,7 @@ MAX_EPOCHS = 2
 CHECKPOINTS_TO_KEEP = 1
 FAULTS = "raise@2:method=lsq,kill@2:method=dampen,nan@2:method=freeze"
 TRACKING_SECRET = "TrackPw-9f3c1e"  # password inside the tracking URI
-DATA_SECRET = "DataKey-5b7d2a"  # secret key inside a base value (data_dir URI)
+DATA_SECRET = "DataKey-5b7d2a"  # a base value with credentials is refused up front (test_secrets_everywhere.py)
 
 
 @dataclass
@@ -127,7 +127,7 @@ def fault_campaign(tmp_path_factory) -> CampaignRun:
         "name": CAMPAIGN,
         "dataset": "digits",
         "targets": [{"arch": "demo_net", "bits": "w3a3", "pretrained": str(fp_path)}],  # 4 starting points
-        "base": {**TINY_BASE, "data_dir": f"s3://AKIAEXAMPLE:{DATA_SECRET}@bucket/digits"},
+        "base": {**TINY_BASE, "data_dir": "s3://bucket/digits"},  # a URI, not a local path (never resolved)
         "budget": {"num_samples": 4, "max_epochs": MAX_EPOCHS, "grace_period": MAX_EPOCHS},  # ASHA never stops
         "confirm": None,
         "resources": {"cpu": 1},

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.timeout(120)
 
 CAMPAIGN = {"name": "g", "targets": [{"arch": "demo_net", "bits": "w4a4"}],
             "base": {"batch_size": 128, "bn_reestimate_batches": 2},
-            "budget": {"num_samples": 2, "max_epochs": 2, "grace_period": 1}}
+            "budget": {"num_samples": 2, "max_epochs": 2, "grace_period": 1, "allow_early_rungs": True},
+            "confirm": None}
 
 
 def _write(tmp_path, **changes) -> None:

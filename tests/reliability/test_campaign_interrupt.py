@@ -30,6 +30,7 @@ def _campaign(work: Path, name: str, fp: Path) -> None:
         "targets": [{"arch": "demo_net", "bits": "w3a3", "pretrained": str(fp)}],
         "base": TINY_BASE, "budget": {"num_samples": 2, "max_epochs": EPOCHS, "grace_period": EPOCHS,
                                       "enqueue_starting_points": False},
+        "confirm": None,  # the confirm stage has its own kill-and-resume test
         "resources": {"cpu": 1}, "max_concurrent_trials": 1, "checkpoint_interval_s": 0,
     }, sort_keys=False))
 
