@@ -15,7 +15,7 @@ from fractions import Fraction
 from math import lcm
 from pathlib import Path
 
-from reports.compare import compare_rows, params_text
+from reports.compare import compare_rows, key_params, params_text
 from reports.figures import Figure, campaign_figures
 from reports.paper import PAPER_FP_TOP1, PAPER_NOTES, PAPER_SOURCE, paper_numbers
 from reports.store import CampaignStore
@@ -143,7 +143,8 @@ def winner_card(store: CampaignStore, target, row: dict) -> str:
         lines.append(f"<div class='big'>val {_f(row.get('confirmed_val_top1_mean'))} &middot; test "
                      f"{_f(test)}{' &plusmn; ' + _f(std) if std is not None else ''}</div>")
         lines.append(f"<p>mean over {_e(len(seeds) if isinstance(seeds, list) else seeds)} fresh seed(s) "
-                     f"(test: sample std); search value {best.val_top1:.4f}</p>")
+                     f"(test: sample std); its search value {winner.val_top1:.4f} (the search's best: "
+                     f"{best.val_top1:.4f})</p>")
     else:
         status = ("<span class='tag warn'>unconfirmed</span> (the search's best on the selection split; "
                   "not retrained with fresh seeds)")
@@ -152,7 +153,7 @@ def winner_card(store: CampaignStore, target, row: dict) -> str:
                      f"{' &middot; test ' + _f(test) if test is not None else ''}</div>")
     lines.append(f"<p>trial <code>{_e(winner.trial_id)}</code> &middot; method <b>{_e(winner.method)}</b>"
                  f"{' &middot; starting point ' + _e(winner.starting_point) if winner.starting_point else ''}"
-                 f" &middot; {_e(params_text(row.get('params') or {}))}</p>")
+                 f" &middot; {_e(params_text(key_params(winner)))}</p>")
     lines.append(f"<p class='meta'>{_e(sel_text)}</p>")
     tol = (0.5 / n_sel) if n_sel else 1e-9
     ties = [r for r in ranked[1:] if abs(r.val_top1 - best.val_top1) <= tol]
@@ -207,7 +208,7 @@ def _build(store: CampaignStore, out_dir: Path, rows: list[dict], fig_dir: Path)
     parts += [f"<p class='meta'>Paper: {_e(PAPER_SOURCE)}; FP baselines {_e(fp)}. Paper cells are n/a for "
               f"architectures it did not evaluate{' (' + _e(', '.join(no_paper)) + ')' if no_paper else ''}.</p>",
               paper_html, "<h2 id='accuracy-vs-size'>Accuracy vs model size</h2>"]
-    parts += [_figure_html(f) for f in figs["size"]]
+    parts += [_figure_html(f, fig_dir) for f in figs["size"]]
     for t in store.targets:
         parts.append(f"<h2 id='target-{_e(t.slug)}'>{_e(t.label)}</h2>")
         row = next((r for r in rows if r["target"] == t.label), {})

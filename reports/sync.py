@@ -16,7 +16,7 @@ from pathlib import Path
 
 from reports.store import CampaignStore
 from search.tracking import (SCALAR_METRICS, TAG, ensure_parent_run, find_child_runs, get_or_create_experiment,
-                             parse_layer_osc, safe_value)
+                             parse_layer_osc, safe_value, trial_param_values)
 
 _TERMINAL = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -100,10 +100,11 @@ def sync_target(store: CampaignStore, target) -> SyncSummary:
         if run is None:
             tags = {"mlflow.parentRunId": parent_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
                     f"{TAG}campaign": store.campaign.name, f"{TAG}target": target.label,
-                    f"{TAG}optuna_study": store.campaign.study_name(target), f"{TAG}synced_from": "ray result.json"}
+                    f"{TAG}optuna_study": store.campaign.study_name(target), f"{TAG}synced_from": "ray result.json",
+                    f"{TAG}stage": "search"}
             run = client.create_run(experiment_id, run_name=tid, tags={k: safe_value(k, v) for k, v in tags.items()})
             cfg = _trial_config(store, target, params, fp_path)
-            items = [Param(k, safe_value(k, v)) for k, v in sorted(cfg.items())]
+            items = [Param(k, safe_value(k, v)) for k, v in sorted(trial_param_values(cfg, params).items())]
             for i in range(0, len(items), 90):
                 client.log_batch(run.info.run_id, params=items[i:i + 90])
             summary.runs_created += 1

@@ -30,6 +30,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 TAG = "oscqat."
+# A trial run's params: these (what the trial is) plus what the search chose; the fixed rest of the
+# config is on the parent run and in the run's train_config.yaml artifact.
+IDENTITY_PARAMS = ("arch", "bits", "epochs")
+
+
+def trial_param_values(config: dict, chosen: dict) -> dict:
+    """The params a trial run logs: its identity from the full ``config`` plus the ``chosen`` ones."""
+    return {**{k: config[k] for k in IDENTITY_PARAMS if k in config}, **chosen}
 _SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
 
 

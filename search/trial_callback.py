@@ -16,7 +16,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from search.tracking import (SCALAR_METRICS, TAG, client_for, complete_osc_history, find_child_runs, parse_layer_osc,
-                             safe_value, trial_description, trial_run_name)
+                             safe_value, trial_description, trial_param_values, trial_run_name)
 
 log = logging.getLogger("search.tracking")
 
@@ -162,15 +162,12 @@ class MlflowTrialCallback(Callback):
             self._log_params(trial, self._runs[trial.trial_id], skip=logged)
         return self._runs[trial.trial_id]
 
-    IDENTITY_PARAMS = ("arch", "bits", "epochs")
-
     def _log_params(self, trial, run_id: str, skip: set[str] = frozenset()) -> None:
         from mlflow.entities import Param
 
         # what the search chose (active params only) and what the trial is; the fixed rest of the
         # config is on the parent run and in this run's train_config.yaml
-        params = {**{k: self.base_config[k] for k in self.IDENTITY_PARAMS if k in self.base_config},
-                  **self.trial_params(trial)}
+        params = trial_param_values(self.base_config, self.trial_params(trial))
         items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items()) if k not in skip]
         for i in range(0, len(items), 90):
             chunk = items[i:i + 90]

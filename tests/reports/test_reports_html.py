@@ -58,8 +58,10 @@ def test_html_report_sections_figures_and_artifacts(report_campaign, tmp_path):
         png = base64.b64decode(data)
         assert png[:8] == PNG_MAGIC and len(png) > 5000
     assert not list(out.glob("*.png")) and sorted(p.name for p in out.iterdir()) == ["index.html", "report.json"]
-    # a winner card per target, unconfirmed without a confirm stage, with the commands to reproduce it
-    assert page.count("<div class='card'><h3>Winner") == 2 and "unconfirmed" in page
+    # a winner card per target, confirmed (the fixture campaign confirms its top 2 with 2 seeds), with
+    # its test mean ± sample std and the commands to reproduce it
+    assert page.count("<div class='card'><h3>Winner") == 2 and page.count("<span class='tag ok'>confirmed</span>") == 2
+    assert "unconfirmed" not in page and "&plusmn;" in page
     assert "oscqat report export " in page and "oscqat train best-demo_net-w3a3.yaml" in page
     assert "docs/PAPER.md" in page and "METHOD.md section 7" not in page
     # offline: nothing is loaded from elsewhere (no scripts, no remote URLs in src/href)

@@ -78,8 +78,9 @@ def test_mlflow_ui_shows_parent_and_child_runs(report_campaign, tmp_path):
     client = rc.client()
     exp_id = client.get_experiment_by_name(rc.experiment).experiment_id
     parents = client.search_runs([exp_id], filter_string="tags.`oscqat.role` = 'parent'")
-    trials = client.search_runs([exp_id], filter_string="tags.`oscqat.role` = 'trial'")
-    assert len(parents) == 2 and len(trials) == 6
+    trials = client.search_runs([exp_id], filter_string="tags.`oscqat.role` = 'trial' and tags.`oscqat.stage` = 'search'")
+    confirms = client.search_runs([exp_id], filter_string="tags.`oscqat.stage` = 'confirm'")
+    assert len(parents) == 2 and len(trials) == 6 and len(confirms) == 2 * 2 * 2  # top 2 x 2 seeds per target
     # a saved view: runs grouped by parent run, every parent's group expanded
     group = {"mode": "tag", "groupByData": "mlflow.parentRunId"}
     expanded = {f"tag.mlflow.parentRunId.{p.info.run_id}": True for p in parents}
@@ -108,7 +109,7 @@ def test_mlflow_ui_shows_parent_and_child_runs(report_campaign, tmp_path):
         headers = {p.info.run_id: dom.find(f"Group: {p.info.run_id}") for p in parents}
         assert all(pos >= 0 for pos in headers.values()), "a parent's group is not shown"
         bounds = sorted(headers.values()) + [len(dom)]
-        for trial in trials:
+        for trial in trials + confirms:  # search trials and confirm runs alike sit under their target
             pos = dom.find(f">{trial.info.run_name}<")
             assert pos >= 0, f"child run {trial.info.run_name} not shown"
             start = headers[trial.data.tags["mlflow.parentRunId"]]

@@ -21,7 +21,7 @@ def test_sync_backfills_missing_epochs_and_runs(report_campaign, tmp_path):
     uri = f"sqlite:///{copy}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(rc.experiment).experiment_id
-    trials = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'trial'")
+    trials = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'trial' and tags.`oscqat.stage` = 'search'")
     full = {r.data.tags["oscqat.trial_id"]: _val_top1_steps(client, r.info.run_id) for r in trials}
     partial = next(r for r in trials if len(full[r.data.tags["oscqat.trial_id"]]) == 2)
     lost = next(r for r in trials if r.info.run_id != partial.info.run_id)
@@ -35,7 +35,7 @@ def test_sync_backfills_missing_epochs_and_runs(report_campaign, tmp_path):
 
     res = invoke("report", "sync", rc.campaign_dir, "--tracking-uri", uri)
     assert res.exit_code == 0, res.output
-    after = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'trial'")
+    after = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'trial' and tags.`oscqat.stage` = 'search'")
     assert {r.data.tags["oscqat.trial_id"]: _val_top1_steps(client, r.info.run_id) for r in after} == full
     lost_tid = lost.data.tags["oscqat.trial_id"]
     recreated = next(r for r in after if r.data.tags["oscqat.trial_id"] == lost_tid)
@@ -49,6 +49,6 @@ def test_sync_backfills_missing_epochs_and_runs(report_campaign, tmp_path):
     # a second sync finds nothing missing
     res = invoke("report", "sync", rc.campaign_dir, "--tracking-uri", uri)
     assert res.exit_code == 0, res.output
-    again = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'trial'")
+    again = client.search_runs([exp], filter_string="tags.`oscqat.role` = 'trial' and tags.`oscqat.stage` = 'search'")
     assert len(again) == len(after)
     assert sum(len(client.get_metric_history(r.info.run_id, "val_top1")) for r in again) == sum(map(len, full.values()))
