@@ -103,9 +103,16 @@ def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool, cfg: Train
     epoch EPOCH has trained, before it is reported), ``kill`` (SIGKILL of the trial process at the
     same point), ``nan`` (NaN written into the model's weights before epoch EPOCH, so that epoch's
     loss is non-finite). ``FIELD=VALUE`` limits a fault to trials whose TrainConfig field has that
-    value, e.g. ``raise@2:method=lsq,nan@2:method=freeze``.
+    value, e.g. ``raise@2:method=lsq,nan@2:method=freeze``. ``sleep@*`` (with
+    ``OSCQAT_FAULT_SLEEP_S``) paces every epoch, restored attempts included, so a test can stop a
+    campaign while work certainly remains.
     """
-    if not spec or restored:
+    if not spec:
+        return
+    pace = os.environ.get("OSCQAT_FAULT_SLEEP_S")
+    if pace and not before and any(i.strip() == "sleep@*" for i in spec.split(",")):
+        time.sleep(float(pace))  # pacing, not a fault: every epoch, restored attempts too
+    if restored:
         return
     for item in spec.split(","):
         kind, _, rest = item.strip().partition("@")

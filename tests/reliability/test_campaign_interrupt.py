@@ -22,6 +22,7 @@ from .helpers import OSCQAT, TINY_BASE, clean_env, count_reported_epochs, read_r
 
 pytestmark = pytest.mark.timeout(900)
 EPOCHS = 3
+PACE_S = 3.0  # 2 trials x 3 epochs one at a time: >= 15 s of work left after the first epoch
 
 
 def _campaign(work: Path, name: str, fp: Path) -> None:
@@ -50,7 +51,9 @@ def fp_checkpoint(tmp_path_factory) -> Path:
 def _start(work: Path, *args: str) -> subprocess.Popen:
     log = work / f"out-{time.monotonic_ns()}.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([OSCQAT, "search", *args], cwd=work, env=clean_env(), text=True,
+        # every epoch takes at least PACE_S: the signals below always land while work remains
+        env = clean_env(OSCQAT_FAULT_INJECT="sleep@*", OSCQAT_FAULT_SLEEP_S=str(PACE_S))
+        proc = subprocess.Popen([OSCQAT, "search", *args], cwd=work, env=env, text=True,
                                 stdout=out, stderr=subprocess.STDOUT)
     proc.log_path = log
     return proc
@@ -109,7 +112,7 @@ def test_ctrl_c_and_sigterm_stop_the_campaign_resumably(tmp_path, fp_checkpoint)
     assert state["targets"]["demo_net/w3a3"]["status"] == "running"  # not done
     assert "FAIL" not in _optuna_states(work)  # live trials not failed as orphans
     runs = _mlflow_runs(work)
-    assert runs["intr/demo_net/w3a3"] == ("KILLED", "stopped by SIGINT")  # not left RUNNING silently
+    assert runs["intr · demo_net w3a3 · search"] == ("KILLED", "stopped by SIGINT")  # the parent, not left RUNNING
     assert all(status != "RUNNING" for status, _ in runs.values()), runs
 
     # resume goes on from the checkpoints; SIGTERM stops it the same way
