@@ -36,7 +36,6 @@ import functools
 import json
 import os
 import platform
-import random
 import resource
 import shutil
 import statistics

@@ -190,7 +190,6 @@ def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tu
 
 
 def _pretrain_fp(cfg_dict: dict) -> tuple[dict, float]:
-    import torch
 
     from oscqat.config import TrainConfig
     from oscqat.trainer import Trainer

@@ -16,10 +16,10 @@ from oscqat_helpers import tiny_train_kwargs
 from oscqat.config import TrainConfig
 from oscqat.cost import model_cost, model_size_bits
 from oscqat.data import TensorLoader
-from oscqat.export import ExportError, check_parity, export_onnx, load_trained_model, save_trained_model
+from oscqat.export import ExportError, check_parity, export_onnx, load_trained_model
 from oscqat.export.bundle import build_quantized_model
 from oscqat.export.parity import weights_bit_exact
-from oscqat.layers import QuantMixin, quant_layers
+from oscqat.layers import quant_layers
 from oscqat.quantize import QuantConfig, quantize_model
 from oscqat_cli import app
 

@@ -86,7 +86,7 @@ def test_quantized_model_forward_32x32(arch):
         if layer.input_quantizer is not None:
             assert bool(layer.input_quantizer.initialized), name
     # inputs after ReLU/ReLU6 are detected as unsigned; MobileNetV2's linear bottlenecks feed signed inputs
-    signs = {n: l.input_quantizer.signed for n, l in quant_layers(model) if l.input_quantizer is not None}
+    signs = {n: ql.input_quantizer.signed for n, ql in quant_layers(model) if ql.input_quantizer is not None}
     if arch == "demo_net":  # every quantized input follows a ReLU6
         assert not any(signs.values())
     else:
@@ -94,7 +94,7 @@ def test_quantized_model_forward_32x32(arch):
         assert not signs["features.1.conv.1"]  # projection conv: input after ReLU6 -> unsigned
         assert signs["features.2.conv.0.0"]  # expansion conv: input is the previous linear bottleneck
     y.sum().backward()
-    assert all(l.weight.grad is not None for _, l in quant_layers(model))
+    assert all(ql.weight.grad is not None for _, ql in quant_layers(model))
 
 
 def test_weights_only_keeps_inputs_float():

@@ -248,7 +248,7 @@ def test_tracker_only_counts_layers_up_to_max_bits():
     model = quantize_model(create_model("demo_net", num_classes=3, in_chans=1), QuantConfig(weight_bits=4, act_bits=4))
     tracker = OscillationTracker(model, momentum=0.1, max_bits=4)
     assert "stem.0" not in tracker.layers and "classifier" not in tracker.layers  # 8-bit layers
-    assert set(tracker.layers) == {n for n, l in quant_layers(model) if l.weight_bits == 4}
+    assert set(tracker.layers) == {n for n, ql in quant_layers(model) if ql.weight_bits == 4}
     with pytest.raises(ValueError):
         OscillationTracker(model, momentum=0.0)
 
@@ -288,7 +288,7 @@ def test_summary_keys_and_fractions():
     flat = layer.frozen_mask.view(-1)
     flat[: flat.numel() // 2] = True
     layer.refresh_frozen()
-    total = sum(l.weight.numel() for l in tracker.layers.values())
+    total = sum(ql.weight.numel() for ql in tracker.layers.values())
     dw_total = sum(tracker.layers[n].weight.numel() for n in dw)
     pw_total = sum(tracker.layers[n].weight.numel() for n in pw)
     s = tracker.summary()
@@ -338,25 +338,25 @@ def test_frozen_weights_never_change_under_sgd_momentum_and_weight_decay():
 
     for i in range(40):
         train_step(i)
-    masks = [l.frozen_mask.clone() for l in layers]
+    masks = [ql.frozen_mask.clone() for ql in layers]
     assert sum(int(m.sum()) for m in masks) > 0, "nothing froze; the test would prove nothing"
-    frozen_int = [l.frozen_int.clone() for l in layers]
-    ints = [l.weight_int().clone() for l in layers]
-    latents = [l.weight.detach().clone() for l in layers]
-    for l, m, fi in zip(layers, masks, frozen_int):
-        assert torch.equal(ints[layers.index(l)][m], fi[m].float())
+    frozen_int = [ql.frozen_int.clone() for ql in layers]
+    ints = [ql.weight_int().clone() for ql in layers]
+    latents = [ql.weight.detach().clone() for ql in layers]
+    for ql, m, fi in zip(layers, masks, frozen_int):
+        assert torch.equal(ints[layers.index(ql)][m], fi[m].float())
 
     for i in range(40, 140):
         train_step(i)
     changed = 0
-    for l, m, fi, w_int, w in zip(layers, masks, frozen_int, ints, latents):
-        assert torch.all(l.frozen_mask[m]), "a frozen weight was unfrozen"
-        assert torch.equal(l.frozen_int[m], fi[m])
-        now_int = l.weight_int()
+    for ql, m, fi, w_int, w in zip(layers, masks, frozen_int, ints, latents):
+        assert torch.all(ql.frozen_mask[m]), "a frozen weight was unfrozen"
+        assert torch.equal(ql.frozen_int[m], fi[m])
+        now_int = ql.weight_int()
         assert torch.equal(now_int[m], w_int[m]), "a frozen weight changed its integer value"
-        assert torch.equal(l.weight.detach()[m], w[m]), "a frozen weight's latent value drifted"
-        unfrozen = ~l.frozen_mask
-        changed += int((l.weight.detach()[unfrozen] != w[unfrozen]).sum())
+        assert torch.equal(ql.weight.detach()[m], w[m]), "a frozen weight's latent value drifted"
+        unfrozen = ~ql.frozen_mask
+        changed += int((ql.weight.detach()[unfrozen] != w[unfrozen]).sum())
     assert changed > 0, "training did not move the unfrozen weights"
 
 

@@ -318,5 +318,5 @@ def test_set_scale_rejects_bad_values_and_an_undecided_sign():
     with pytest.raises(ValueError, match="signed"):
         auto.set_scale(0.1)
     auto.set_scale(0.1, signed=False)
-    assert auto.bounds == (0, 15) and not bool(auto.initialized) is False
+    assert auto.bounds == (0, 15) and bool(auto.initialized) is not False
     assert float(auto(torch.tensor([-1.0, 0.26]))[1]) == pytest.approx(0.3)

@@ -61,7 +61,6 @@ def test_lsq_time_average_tracks_other_targets():
 
 
 def test_freezing_stops_on_the_majority_grid_point(lsq, frozen):
-    half = STEPS // 2
     # the weight oscillated like plain LSQ before freezing started (25% of training) ...
     start = int(0.25 * STEPS)
     assert frozen.flips(0) > 20 and not frozen.frozen[: start].any()
