@@ -167,7 +167,7 @@ class TargetProgress(Callback):
         state = trial_state(result, False, self.max_epochs).name
         self._states[trial.trial_id] = state
         value = result.get("val_top1")
-        method = (trial.config or {}).get("method", "?")
+        method = _what(trial.config or {})
         if state == "COMPLETE" and isinstance(value, (int, float)) and (self._best is None or value > self._best[0]):
             self._best = (float(value), trial.trial_id, method)
         epochs = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -178,9 +178,16 @@ class TargetProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._states[trial.trial_id] = "FAIL"
-        method = (trial.config or {}).get("method", "?")
+        method = _what(trial.config or {})
         self._draw(force=True, event=f"{self.target_label}: trial {trial.trial_id} ({method}) failed")
 
     def on_experiment_end(self, trials, **info):
         self._draw(force=True)
         self._end_line()
+
+
+def _what(config: dict) -> str:
+    """A trial's method, or for a confirm run which search trial it retrains with which seed."""
+    if "confirm_of" in config:
+        return f"of {config['confirm_of']}, seed {config.get('seed')}"
+    return str(config.get("method", "?"))
