@@ -207,10 +207,11 @@ def to_csv(rows: list[dict]) -> str:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else ("" if v is None else v)
+            writer.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else ("" if v is None else v)
                              for k, v in row.items()})
     return buf.getvalue()
 
 
 def to_json(rows: list[dict]) -> str:
+    """Rows as JSON (``report compare`` and ``report trials`` share these writers)."""
     return json.dumps(rows, indent=2, sort_keys=False) + "\n"

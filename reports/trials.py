@@ -6,10 +6,8 @@ each output format shows the same data.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 
+from reports.compare import to_csv, to_json  # noqa: F401 - one CSV/JSON writer for every table
 from reports.store import CampaignStore
 
 SORT_KEYS = ("number", "val_top1", "test_top1", "epochs", "state", "method")
@@ -91,18 +89,3 @@ def rich_tables(rows: list[dict], title: str, width: int) -> list:
     params.columns[2].no_wrap = False
     params.columns[2].overflow = "fold"
     return [main, params]
-
-
-def to_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else ("" if v is None else v)
-                             for k, v in row.items()})
-    return buf.getvalue()
-
-
-def to_json(rows: list[dict]) -> str:
-    return json.dumps(rows, indent=2) + "\n"
