@@ -47,21 +47,17 @@ class ConfirmSummary:
     def seeds(self) -> list[int]:
         return sorted(self.val)
 
-    @property
-    def val_mean(self) -> float | None:
-        return mean_std(list(self.val.values())).mean if self.val else None
+    @staticmethod
+    def _summary(values: dict) -> tuple[float | None, float | None]:
+        if not values:
+            return None, None
+        ms = mean_std(list(values.values()))
+        return ms.mean, ms.std
 
-    @property
-    def val_std(self) -> float | None:
-        return mean_std(list(self.val.values())).std if self.val else None
-
-    @property
-    def test_mean(self) -> float | None:
-        return mean_std(list(self.test.values())).mean if self.test else None
-
-    @property
-    def test_std(self) -> float | None:
-        return mean_std(list(self.test.values())).std if self.test else None
+    val_mean = property(lambda self: self._summary(self.val)[0])
+    val_std = property(lambda self: self._summary(self.val)[1])
+    test_mean = property(lambda self: self._summary(self.test)[0])
+    test_std = property(lambda self: self._summary(self.test)[1])
 
     def to_dict(self) -> dict:
         return {"trial_id": self.trial_id, "search_rank": self.rank, "seeds": self.seeds,

@@ -137,28 +137,27 @@ class _Builder:
         return self.node("DequantizeLinear", [name, s], f"{prefix}.weight_dq", **attrs)
 
     # layers ------------------------------------------------------------------------
-    def conv(self, m: nn.Conv2d, x: str, prefix: str) -> str:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ExportError(f"{prefix}: Conv2d padding {m.padding!r} / padding_mode {m.padding_mode!r} is not supported")
+    def _layer_inputs(self, m: nn.Module, x: str, prefix: str) -> list[str]:
+        """A conv/linear's inputs: the (QDQ-quantized, if quantized) input, the integer or float
+        weight, and the bias when it has one."""
         if isinstance(m, QuantMixin):
             if m.input_quantizer is not None:
                 x = self.quant_input(x, m.input_quantizer, prefix)
             w = self.quant_weight(m, prefix)
         else:
             w = self.const(f"{prefix}.weight", _np(m.weight))
-        inputs = [x, w] + ([self.const(f"{prefix}.bias", _np(m.bias))] if m.bias is not None else [])
+        return [x, w] + ([self.const(f"{prefix}.bias", _np(m.bias))] if m.bias is not None else [])
+
+    def conv(self, m: nn.Conv2d, x: str, prefix: str) -> str:
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ExportError(f"{prefix}: Conv2d padding {m.padding!r} / padding_mode {m.padding_mode!r} is not supported")
+        inputs = self._layer_inputs(m, x, prefix)
         ph, pw = m.padding
         return self.node("Conv", inputs, prefix, kernel_shape=list(m.kernel_size), strides=list(m.stride),
                          pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
 
     def linear(self, m: nn.Linear, x: str, prefix: str) -> str:
-        if isinstance(m, QuantMixin):
-            if m.input_quantizer is not None:
-                x = self.quant_input(x, m.input_quantizer, prefix)
-            w = self.quant_weight(m, prefix)
-        else:
-            w = self.const(f"{prefix}.weight", _np(m.weight))
-        inputs = [x, w] + ([self.const(f"{prefix}.bias", _np(m.bias))] if m.bias is not None else [])
+        inputs = self._layer_inputs(m, x, prefix)
         return self.node("Gemm", inputs, prefix, transB=1)
 
     def batchnorm(self, m: nn.BatchNorm2d, x: str, prefix: str) -> str:
