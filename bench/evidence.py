@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import math
 import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +62,9 @@ RELEASE = {
 # The freeze recipe adapted to a run of ~1-2k steps: an EMA horizon of 100 steps (m = 0.01) instead
 # of the release's 1,000, so its frequencies can reach the thresholds at all.
 ADAPTED = dict(RELEASE["release-freeze"], osc_momentum=0.01, lr=0.02)
+# The confirm stage of the evidence campaigns: top 2 x 2 seeds, not the product's 3 x 3 (which alone
+# would cost 108 trial-epochs per campaign seed, over the hour on 2 cores).
+CONFIRM = {"top_k": 2, "seeds": 2}
 # Sizes: (full, quick)
 SIZES = dict(
     fp_epochs=(15, 1), osc_epochs=(10, 1), acc_epochs=(6, 1), acc_seeds=(5, 2), search_seeds=(5, 1),
@@ -69,6 +74,29 @@ SIZES = dict(
     # 2 nets x 3 bits x 4 methods x 5 seeds would not fit the hour (see the report's estimate)
     acc_nets=(NETS[:1], NETS[:1]),
 )
+
+
+JOBS = 2  # worker processes for the independent training runs (set by --jobs)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def run_parallel(fn, jobs: list) -> list:
+    """``fn(job)`` for every job, in order, over ``JOBS`` single-threaded worker processes: the
+    runs are independent and each uses one core best, so two cores give ~2x."""
+    if JOBS <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(JOBS, mp_context=ctx, initializer=_init_worker) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def train_last(cfg: dict) -> dict:
+    """Train one config; its last epoch's metrics (a worker job)."""
+    last = Trainer(TrainConfig(**cfg)).fit()[-1]
+    return {k: last.get(k) for k in ("test_top1", "test_top1_no_bnre", "val_top1", "osc_frac", "frozen_frac")}
 
 
 def log(msg: str) -> None:
@@ -94,8 +122,9 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"mean": m, "std": s, "ci95": [m - half, m + half], "n": len(diffs)}
 
 
-def fp_checkpoint(arch: str, quick: bool, out: Path) -> tuple[Path, dict]:
+def fp_checkpoint(job: tuple[str, bool, Path]) -> dict:
     """One FP checkpoint per net (seed 0); accuracy seeds vary the QAT run, the test split is fixed."""
+    arch, quick, out = job
     path = out / f"fp-{arch}.pt"
     cfg = TrainConfig(arch=arch, bits="fp32", dataset=DATASET, epochs=size("fp_epochs", quick), lr=0.05,
                       weight_decay=5e-4, seed=0, bn_reestimate_batches=0, device="cpu")
@@ -106,7 +135,7 @@ def fp_checkpoint(arch: str, quick: bool, out: Path) -> tuple[Path, dict]:
     info = {"arch": arch, "epochs": cfg.epochs, "steps": t.global_step, "val_top1": last["val_top1"],
             "test_top1": last["test_top1"], "s_per_step": (time.perf_counter() - t0) / t.global_step}
     log(f"FP {arch}: val {last['val_top1']:.4f} test {last['test_top1']:.4f} ({info['s_per_step'] * 1e3:.1f} ms/step)")
-    return path, info
+    return info
 
 
 # 0. the benchmark ------------------------------------------------------------------------
@@ -146,7 +175,7 @@ def benchmark_section(quick: bool, work: Path, fig: Path) -> dict:
 
     sample_figure(fig / "digits_hard_samples.png")
     data = build_data(TrainConfig(dataset=DATASET, seed=0))
-    fps = {arch: fp_checkpoint(arch, quick, work)[1] for arch in NETS}
+    fps = dict(zip(NETS, run_parallel(fp_checkpoint, [(arch, quick, work) for arch in NETS])))
     return {"dataset": DATASET, "image_size": data.image_size, "train": data.train.num_samples,
             "selection": data.val.num_samples, "test": data.test.num_samples,
             "fp_test_top1": {arch: fps[arch]["test_top1"] for arch in NETS}, "fp": fps}
@@ -226,40 +255,47 @@ def second_half_mean(history: list[dict], key: str) -> float:
     return statistics.fmean(vals)
 
 
+def oscillation_run(job: tuple[str, str, int, Path]) -> dict:
+    """Plain LSQ from FP (a worker job): oscillating fractions per epoch, BN mismatch and test top-1
+    before and after BN re-estimation."""
+    arch, bits, epochs, work = job
+    cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(bits), "arch": arch, "bits": bits,
+                         "method": "lsq", "epochs": epochs, "seed": 0,
+                         "bn_reestimate_batches": 0, "pretrained": str(work / f"fp-{arch}.pt")})
+    t = Trainer(cfg)
+    t.fit()
+    before = bn_mismatch(t, t.data.val, 20)
+    _, top1_before = t.evaluate(t.data.test)
+    reestimate_bn(t.model, t._bn_batches(), 20, t.device)
+    after = bn_mismatch(t, t.data.val, 20)
+    _, top1_after = t.evaluate(t.data.test)
+    h = t.history
+    row = {"arch": arch, "bits": bits, "epochs": epochs,
+           "depthwise": second_half_mean(h, "osc_frac_depthwise"),
+           "pointwise": second_half_mean(h, "osc_frac_pointwise"),
+           "per_epoch_depthwise": [m["osc_frac_depthwise"] for m in h],
+           "per_epoch_pointwise": [m["osc_frac_pointwise"] for m in h],
+           "bn_before": before, "bn_after": after,
+           "test_top1_before_bnre": top1_before, "test_top1_after_bnre": top1_after}
+    log(f"oscillations {arch}/{bits}: dw {row['depthwise']:.4f} pw {row['pointwise']:.4f}; "
+        f"test {top1_before:.4f} -> {top1_after:.4f} after BN re-est.")
+    return row
+
+
 def oscillation_section(quick: bool, work: Path, fig_dir: Path) -> dict:
     """Plain LSQ from FP at the shipped quantizer lr: depthwise vs pointwise oscillation (mean over the
     second half of training) and BN re-estimation (mismatch on the selection split, which no
     re-estimation batch comes from; top-1 on the test split)."""
     epochs = size("osc_epochs", quick)
-    rows = []
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for col, (arch, bits) in enumerate((a, b) for a in NETS for b in ("w4a4", "w3a3")):
-        cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(bits), "arch": arch, "bits": bits,
-                             "method": "lsq", "epochs": epochs, "seed": 0,
-                             "bn_reestimate_batches": 0, "pretrained": str(work / f"fp-{arch}.pt")})
-        t = Trainer(cfg)
-        t.fit()
-        before = bn_mismatch(t, t.data.val, 20)
-        _, top1_before = t.evaluate(t.data.test)
-        reestimate_bn(t.model, t._bn_batches(), 20, t.device)
-        after = bn_mismatch(t, t.data.val, 20)
-        _, top1_after = t.evaluate(t.data.test)
-        h = t.history
-        rows.append({"arch": arch, "bits": bits, "epochs": epochs,
-                     "depthwise": second_half_mean(h, "osc_frac_depthwise"),
-                     "pointwise": second_half_mean(h, "osc_frac_pointwise"),
-                     "per_epoch_depthwise": [m["osc_frac_depthwise"] for m in h],
-                     "per_epoch_pointwise": [m["osc_frac_pointwise"] for m in h],
-                     "bn_before": before, "bn_after": after,
-                     "test_top1_before_bnre": top1_before, "test_top1_after_bnre": top1_after})
-        ax = axes[col]
-        ax.plot(range(1, epochs + 1), rows[-1]["per_epoch_depthwise"], "o-", ms=3, label="depthwise")
-        ax.plot(range(1, epochs + 1), rows[-1]["per_epoch_pointwise"], "s-", ms=3, label="pointwise")
+    settings = [(a, b) for a in NETS for b in ("w4a4", "w3a3")]
+    rows = run_parallel(oscillation_run, [(a, b, epochs, work) for a, b in settings])
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.4))
+    for ax, row in zip(axes, rows):
+        ax.plot(range(1, epochs + 1), row["per_epoch_depthwise"], "o-", ms=3, label="depthwise")
+        ax.plot(range(1, epochs + 1), row["per_epoch_pointwise"], "s-", ms=3, label="pointwise")
         ax.axvspan(epochs / 2, epochs, color="grey", alpha=0.12, lw=0)
-        ax.set_title(f"{arch} {bits.upper()} (LSQ)", fontsize=9)
+        ax.set_title(f"{row['arch']} {row['bits'].upper()} (LSQ)", fontsize=9)
         ax.set_xlabel("epoch")
-        log(f"oscillations {arch}/{bits}: dw {rows[-1]['depthwise']:.4f} pw {rows[-1]['pointwise']:.4f}; "
-            f"test {top1_before:.4f} -> {top1_after:.4f} after BN re-est.")
     axes[0].set_ylabel("fraction of weights oscillating")
     axes[0].legend(fontsize=8)
     fig.suptitle("shaded: second half of training (the table's mean)", fontsize=8)
@@ -274,23 +310,21 @@ def accuracy_section(quick: bool, work: Path, fig_dir: Path) -> dict:
     seeds = list(range(size("acc_seeds", quick)))
     epochs = size("acc_epochs", quick)
     nets = size("acc_nets", quick)
+    keys = [(arch, bits, seed, method) for arch in nets for bits in size("acc_bits", quick)
+            for seed in seeds for method in METHODS]
+    cfgs = [{**QAT, "quantizer_lr": shipped_quantizer_lr(bits), "arch": arch, "bits": bits, "method": method,
+             "epochs": epochs, "seed": seed, "pretrained": str(work / f"fp-{arch}.pt")}
+            for arch, bits, seed, method in keys]
     runs: dict[tuple, dict[str, list[float]]] = {}
-    for arch in nets:
-        for bits in size("acc_bits", quick):
-            r = runs.setdefault((arch, bits), {k: [] for k in LABELS})
-            for seed in seeds:
-                for method in METHODS:
-                    cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(bits), "arch": arch, "bits": bits,
-                                         "method": method, "epochs": epochs,
-                                         "seed": seed, "pretrained": str(work / f"fp-{arch}.pt")})
-                    last = Trainer(cfg).fit()[-1]
-                    if method == "lsq":
-                        r["lsq"].append(last["test_top1_no_bnre"])
-                        r["lsq+bnre"].append(last["test_top1"])
-                    else:
-                        r[method].append(last["test_top1"])
-                    log(f"accuracy {arch} {bits} {method} seed {seed}: test {last['test_top1']:.4f} "
-                        f"(osc {last['osc_frac']:.3f}, frozen {last['frozen_frac']:.3f})")
+    for (arch, bits, seed, method), last in zip(keys, run_parallel(train_last, cfgs)):
+        r = runs.setdefault((arch, bits), {k: [] for k in LABELS})
+        if method == "lsq":
+            r["lsq"].append(last["test_top1_no_bnre"])
+            r["lsq+bnre"].append(last["test_top1"])
+        else:
+            r[method].append(last["test_top1"])
+        log(f"accuracy {arch} {bits} {method} seed {seed}: test {last['test_top1']:.4f} "
+            f"(osc {last['osc_frac']:.3f}, frozen {last['frozen_frac']:.3f})")
     rows = []
     for (arch, bits), r in runs.items():
         for label in LABELS:
@@ -377,15 +411,16 @@ def search_section(quick: bool, work: Path, fig_dir: Path) -> dict:
     fp = work / f"fp-{SEARCH_ARCH}.pt"
     per = {k: [] for k in ("release-dampen", "release-freeze", "adapted-freeze", "random", "tpe_asha")}
     curves = {"random": [], "tpe_asha": []}
+    recipes = [(seed, name, recipe) for seed in seeds
+               for name, recipe in (*RELEASE.items(), ("adapted-freeze", ADAPTED))]
+    cfgs = [{**QAT, "quantizer_lr": shipped_quantizer_lr(SEARCH_BITS), **recipe, "arch": SEARCH_ARCH,
+             "bits": SEARCH_BITS, "epochs": max_epochs, "seed": seed, "pretrained": str(fp)}
+            for seed, name, recipe in recipes]
+    for (seed, name, _), last in zip(recipes, run_parallel(train_last, cfgs)):
+        per[name].append({"test_top1": last["test_top1"], "trial_epochs": max_epochs,
+                          "frozen_frac": last["frozen_frac"]})
+        log(f"search seed {seed}: {name} test {last['test_top1']:.4f} (frozen {last['frozen_frac']:.4f})")
     for seed in seeds:
-        for name, recipe in (*RELEASE.items(), ("adapted-freeze", ADAPTED)):
-            cfg = TrainConfig(**{**QAT, "quantizer_lr": shipped_quantizer_lr(SEARCH_BITS), **recipe, "arch": SEARCH_ARCH, "bits": SEARCH_BITS, "epochs": max_epochs,
-                                 "seed": seed, "pretrained": str(fp)})
-            t = Trainer(cfg)
-            last = t.fit()[-1]
-            per[name].append({"test_top1": last["test_top1"], "trial_epochs": max_epochs,
-                              "frozen_frac": last["frozen_frac"]})
-            log(f"search seed {seed}: {name} test {last['test_top1']:.4f} (frozen {last['frozen_frac']:.4f})")
         for kind, n, searcher, scheduler in (("random", size("random_trials", quick), "random", "fifo"),
                                              ("tpe_asha", size("tpe_trials", quick), "tpe", "asha")):
             spec = dict(
@@ -398,7 +433,7 @@ def search_section(quick: bool, work: Path, fig_dir: Path) -> dict:
                 mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db"}, optuna_storage=f"sqlite:///{work}/optuna.db",
             )
             if "confirm" in Campaign.model_fields:  # the confirm stage: top-k retrained with fresh seeds
-                spec["confirm"] = {"top_k": 1, "seeds": 2} if quick else {"top_k": 3, "seeds": 3}
+                spec["confirm"] = {"top_k": 1, "seeds": 2} if quick else dict(CONFIRM)
             camp = Campaign(**spec)
             t0 = time.perf_counter()
             run_campaign(camp)
@@ -575,7 +610,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for RESULTS.md, results.json, figures/ (default: docs/; quick: /tmp/oscqat-evidence-quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes for independent training runs")
     args = ap.parse_args()
+    global JOBS
+    JOBS = args.jobs
     torch.set_num_threads(args.threads)
     out = args.out or (Path("/tmp/oscqat-evidence-quick") if args.quick else ROOT / "docs")
     fig_dir = out / "figures"
@@ -583,7 +621,7 @@ def main() -> None:
     command = "python bench/evidence.py" + (" --quick" if args.quick else "")
     start = time.perf_counter()
     res: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread"
-                            f"{'' if torch.get_num_threads() == 1 else 's'}",
+                            f"{'' if torch.get_num_threads() == 1 else 's'}, {JOBS} worker processes",
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "quick": args.quick, "section_s": {}}
     with tempfile.TemporaryDirectory(prefix="oscqat-evidence-") as tmp:
         work = Path(tmp)
