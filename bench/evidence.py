@@ -453,6 +453,12 @@ def search_section(quick: bool, work: Path, fig_dir: Path) -> dict:
         m, s = mean_std(tests) if tests else (None, None)
         rows.append({"strategy": strategy, "seeds": seeds, "test_top1": tests, "test_top1_mean": m, "test_top1_std": s,
                      "trial_epochs_mean": statistics.fmean(r["trial_epochs"] for r in rs), "runs": rs})
+    # TPE + ASHA against each other strategy, paired over the shared campaign seeds
+    tpe = [r["test_top1"] for r in per["tpe_asha"]]
+    for row in rows:
+        other = [r["test_top1"] for r in per[row["strategy"]]]
+        ok = row["strategy"] != "tpe_asha" and None not in tpe + other and len(tpe) == len(other) > 1
+        row["tpe_minus_this"] = paired(tpe, other) if ok else None
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, (kind, cs) in enumerate(curves.items()):
         for j, pts in enumerate(cs):
@@ -479,7 +485,7 @@ def search_section(quick: bool, work: Path, fig_dir: Path) -> dict:
 def pct(m: float | None, s: float | None = None) -> str:
     if m is None:
         return "-"
-    return f"{m * 100:.2f}" + (f" ± {s * 100:.2f}" if s is not None else "")
+    return f"{m * 100:.2f}" + (f" ± {s * 100:.2f}" if s else "")
 
 
 def write_markdown(res: dict, quick: bool, command: str, elapsed: float) -> str:
@@ -540,10 +546,13 @@ def write_markdown(res: dict, quick: bool, command: str, elapsed: float) -> str:
               "the trial with the best selection value). Release recipes as the release runs them (MobileNetV2 W3: "
               "dampening or freezing, m = 1e-3, f_th 0.1 → 0.011), the freeze recipe adapted to the run length "
               "(m = 0.01), random search (every trial to the full budget), TPE + ASHA.", "",
-              "| strategy | test top-1 (%) | trial-epochs (mean) |", "|---|---|---|"]
+              "| strategy | test top-1 (%) | trial-epochs (mean) | TPE + ASHA minus this, paired [95% CI] |",
+              "|---|---|---|---|"]
     for r in srch["rows"]:
+        d = r.get("tpe_minus_this")
+        delta = "-" if d is None else f"{d['mean'] * 100:+.2f} [{d['ci95'][0] * 100:+.2f}, {d['ci95'][1] * 100:+.2f}]"
         lines.append(f"| {r['strategy']} | {pct(r['test_top1_mean'], r['test_top1_std'])} | "
-                     f"{r['trial_epochs_mean']:.0f} |")
+                     f"{r['trial_epochs_mean']:.0f} | {delta} |")
     lines += ["", "## Where ours differs from the paper, and why", "", discussion(res), ""]
     return "\n".join(lines)
 
@@ -559,6 +568,11 @@ def discussion(res: dict) -> str:
     bn = [r for r in osc if r["test_top1_after_bnre"] >= r["test_top1_before_bnre"]]
     notes.append(f"- BN re-estimation did not lower test top-1 in {len(bn)} of {len(osc)} settings and lowered the "
                  f"BN mean shift in {sum(r['bn_after']['mean_shift'] < r['bn_before']['mean_shift'] for r in osc)}.")
+    fp = res["benchmark"]["fp_test_top1"]
+    for r in res["accuracy"]["rows"]:
+        if r["method"] in ("lsq", "lsq+bnre") and r["arch"] in fp:
+            notes.append(f"- {r['arch']} {r['bits'].upper()} {r['method']}: {r['test_top1_mean'] * 100:.2f}% test top-1, "
+                         f"{(fp[r['arch']] - r['test_top1_mean']) * 100:+.2f} pt below FP ({fp[r['arch']] * 100:.2f}%).")
     for r in res["accuracy"]["rows"]:
         if r["method"] in ("dampen", "freeze", "dampen+freeze") and r["paired_diff_ci95"] is not None:
             lo, hi = r["paired_diff_ci95"]
@@ -578,6 +592,14 @@ def discussion(res: dict) -> str:
                      f"({valid[best]['test_top1_mean'] * 100:.2f}%, {valid[best]['trial_epochs_mean']:.0f} "
                      "trial-epochs); " + ", ".join(f"{k} {r['test_top1_mean'] * 100:.2f}"
                                                    for k, r in valid.items() if k != best) + ".")
+    for k, r in rows.items():
+        d = r.get("tpe_minus_this")
+        if d is not None:
+            lo, hi = d["ci95"]
+            verdict = ("better (95% interval above 0)" if lo > 0 else "worse (95% interval below 0)" if hi < 0
+                       else "not distinguishable (95% interval spans 0)")
+            notes.append(f"- TPE + ASHA vs {k}: {d['mean'] * 100:+.2f} pt test top-1 paired over {d['n']} campaign "
+                         f"seeds [{lo * 100:+.2f}, {hi * 100:+.2f}]: {verdict}.")
     fr = [r["frozen_frac"] for r in rows.get("release-freeze", {}).get("runs", [])]
     if fr:
         notes.append(f"- The release freeze recipe (m = 1e-3) froze a mean {statistics.fmean(fr) * 100:.3f}% of the "
