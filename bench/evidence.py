@@ -572,7 +572,8 @@ def discussion(res: dict) -> str:
     for r in res["accuracy"]["rows"]:
         if r["method"] in ("lsq", "lsq+bnre") and r["arch"] in fp:
             notes.append(f"- {r['arch']} {r['bits'].upper()} {r['method']}: {r['test_top1_mean'] * 100:.2f}% test top-1, "
-                         f"{(fp[r['arch']] - r['test_top1_mean']) * 100:+.2f} pt below FP ({fp[r['arch']] * 100:.2f}%).")
+                         f"{abs(fp[r['arch']] - r['test_top1_mean']) * 100:.2f} pt "
+                         f"{'below' if r['test_top1_mean'] <= fp[r['arch']] else 'above'} FP ({fp[r['arch']] * 100:.2f}%).")
     for r in res["accuracy"]["rows"]:
         if r["method"] in ("dampen", "freeze", "dampen+freeze") and r["paired_diff_ci95"] is not None:
             lo, hi = r["paired_diff_ci95"]
