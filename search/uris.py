@@ -64,8 +64,10 @@ _SECRET_QUERY = re.compile(rf"(?P<key>[?&;][A-Za-z0-9_.-]*{_SECRET_WORDS}[A-Za-z
 # NAME=value / NAME: value where NAME looks like a secret (environment dumps, "password=..." in messages)
 _SECRET_ASSIGN = re.compile(rf"(?P<key>\b[A-Za-z0-9_]*{_SECRET_WORDS}[A-Za-z0-9_]*\s*[=:]\s*)(?P<val>[^\s'\",;&]+)",
                             re.IGNORECASE)
-# a raw '/' in a password (AWS secret keys have them) ends the authority above: 's3://KEY:SE/CRET@b'
-_SLASHED_PW = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]+:)(?!\d+(?:/|$))(?P<pw>[^\s@'\"]+)@")
+# a raw '/' in a password (AWS secret keys have them) ends the authority above: 's3://KEY:SE/CRET@b';
+# the password runs to the *last* '@' that a host follows, so 'u:p@ss/w0rd@db:5432/x' hides 'p@ss/w0rd'
+_SLASHED_PW = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]+:)(?!\d+(?:[/?#\s]|$))(?P<pw>[^\s'\"]+)@"
+                         r"(?=[A-Za-z0-9.\[\]-]+(?::\d+)?(?:[/?#\s'\"]|$))")
 _TOKEN_MIN = 16  # a colon-less userinfo this long is a token (https://TOKEN@host), not a user name
 
 

@@ -202,6 +202,26 @@ def test_redact_hides_credentials_in_uris(text):
     assert "Sup3r-Secret" not in safe_value("data_dir", text)
 
 
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://user:Sup3r@Se/cret@db.example.com:5432/mlflow", "postgresql://user:***@db.example.com:5432/mlflow"),
+    ("mysql://u:Sup/3r@Secret@h/db", "mysql://u:***@h/db"),
+    ("http://u:Sup3r/Secret@host/a?x=1", "http://u:***@host/a?x=1"),
+])
+def test_redact_hides_a_password_holding_both_at_and_slash(uri, shown):
+    """The password runs to the last '@' a host follows; the host and path stay readable."""
+    from search.uris import redact
+
+    assert redact(uri) == shown
+
+
+@pytest.mark.parametrize("text", ["http://localhost:5000/runs/a@b.com/x", "sqlite:///tmp/a@b/mlflow.db",
+                                  "file:///a:b/c@d/e"])
+def test_redact_leaves_uris_without_credentials_alone(text):
+    from search.uris import redact
+
+    assert redact(text) == text
+
+
 @pytest.mark.parametrize("key", ["password", "db_password", "api_key", "AWS_SECRET_ACCESS_KEY", "token",
                                  "access_key", "credentials"])
 def test_secret_named_values_are_masked(key):
