@@ -601,11 +601,29 @@ def discussion(res: dict) -> str:
                        else "not distinguishable (95% interval spans 0)")
             notes.append(f"- TPE + ASHA vs {k}: {d['mean'] * 100:+.2f} pt test top-1 paired over {d['n']} campaign "
                          f"seeds [{lo * 100:+.2f}, {hi * 100:+.2f}]: {verdict}.")
+    rnd, tpe = rows.get("random", {}).get("runs", []), rows.get("tpe_asha", {}).get("runs", [])
+    if rnd and tpe:
+        same = sum(a["test_top1"] == b["test_top1"] for a, b in zip(rnd, tpe))
+        startup = tpe_startup_trials()
+        trials = max(r.get("trials") or 0 for r in tpe)
+        notes.append(f"- Random search and TPE + ASHA confirmed a winner with the same test top-1 on {same} of "
+                     f"{len(tpe)} campaign seeds. Optuna's TPE draws its first {startup} trials at random "
+                     f"(n_startup_trials) from a random sampler seeded like the random campaign's, and these "
+                     f"campaigns ran {trials} TPE trials"
+                     + (", so TPE never modelled: its campaigns were the space's starting points plus the random "
+                        "campaign's first draws, under ASHA." if trials <= startup else "."))
     fr = [r["frozen_frac"] for r in rows.get("release-freeze", {}).get("runs", [])]
     if fr:
         notes.append(f"- The release freeze recipe (m = 1e-3) froze a mean {statistics.fmean(fr) * 100:.3f}% of the "
                      "weights in these short runs.")
     return "\n".join(notes)
+
+
+def tpe_startup_trials() -> int:
+    """How many trials Optuna's TPE sampler (as search/searcher.py builds it) draws at random first."""
+    from search.searcher import make_sampler
+
+    return int(make_sampler(0, "tpe")._n_startup_trials)
 
 
 SECTIONS = ("benchmark", "toy", "oscillation", "accuracy", "search")
@@ -634,7 +652,11 @@ def main() -> None:
                     help="folder for RESULTS.md, results.json, figures/ (default: docs/; quick: /tmp/oscqat-evidence-quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes for independent training runs")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="no training: re-render RESULTS.md from the folder's results.json (after a wording change)")
     args = ap.parse_args()
+    if args.rewrite:
+        return rewrite(args.out or ROOT / "docs")
     global JOBS
     JOBS = args.jobs
     torch.set_num_threads(args.threads)
@@ -661,11 +683,24 @@ def main() -> None:
             res["section_s"][name] = time.perf_counter() - t0
     res.update(summary(res) | {"accuracy": res["accuracy"], "search_detail": res["search"]})
     res["discussion"] = discussion({**res, "search": res["search_detail"]})
-    md = write_markdown({**res, "search": res["search_detail"]}, args.quick, command, time.perf_counter() - start)
+    res["elapsed_s"] = time.perf_counter() - start
+    md = write_markdown({**res, "search": res["search_detail"]}, args.quick, command, res["elapsed_s"])
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "RESULTS.md").write_text(md)
     log(f"wrote {out / 'RESULTS.md'} and results.json; section times (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in res["section_s"].items()))
+
+
+def rewrite(out: Path) -> None:
+    """RESULTS.md (and the discussion in results.json) again from the numbers in results.json."""
+    res = json.loads((out / "results.json").read_text())
+    full = {**res, "search": res["search_detail"]}
+    res["discussion"] = discussion(full)
+    elapsed = res.get("elapsed_s") or sum(res["section_s"].values())
+    command = "python bench/evidence.py" + (" --quick" if res.get("quick") else "")
+    (out / "RESULTS.md").write_text(write_markdown(full, res.get("quick", False), command, elapsed))
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    log(f"rewrote {out / 'RESULTS.md'} from results.json")
 
 
 if __name__ == "__main__":
