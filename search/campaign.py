@@ -63,9 +63,22 @@ class Budget(_Strict):
     searcher: Literal["tpe", "random"] = "tpe"  # random: a baseline for comparing search strategies
     scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial trains max_epochs (no early stopping)
     enqueue_starting_points: bool = True
+    # TPE draws its first trials at random. Optuna's default is 10, so a 10-trial campaign never
+    # models (docs/RESULTS.md measured it: TPE's winners were random search's). "auto" scales the
+    # start-up to the budget: see startup_trials.
+    tpe_startup_trials: int | Literal["auto"] = Field(default="auto")
+
+    def startup_trials(self, n_points: int) -> int:
+        """Trials TPE draws before it models: the enqueued starting points plus one random draw, or a
+        third of the budget if more, never more than Optuna's default 10 (an explicit value wins)."""
+        if self.tpe_startup_trials != "auto":
+            return self.tpe_startup_trials
+        return min(10, max(n_points + 1, self.num_samples // 3))
 
     @model_validator(mode="after")
     def _grace(self) -> "Budget":
+        if self.tpe_startup_trials != "auto" and self.tpe_startup_trials < 0:
+            raise ValueError(f"tpe_startup_trials must be >= 0 or 'auto', got {self.tpe_startup_trials}")
         if self.grace_period != "auto" and self.grace_period <= 0:
             raise ValueError(f"grace_period must be a positive number of epochs or 'auto', got {self.grace_period}")
         if self.grace_period != "auto" and self.grace_period > self.max_epochs:

@@ -296,7 +296,7 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
         points = space.starting_points if b.enqueue_starting_points else []
         names = space.starting_point_names if b.enqueue_starting_points else []
         searcher = build_searcher(space.define_by_run, points, names, study_name, campaign.optuna_storage,
-                                  campaign.seed, b.max_epochs, sampler=b.searcher,
+                                  campaign.seed, b.max_epochs, sampler=b.searcher, startup_trials=b.startup_trials(len(points)),
                                   study_attrs={"campaign": campaign.name, "target": target.label,
                                                "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id})
         if b.scheduler == "asha":
@@ -329,7 +329,11 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
         )
     rungs = (describe_rungs(grace, b.reduction_factor, b.max_epochs, latest_start) if b.scheduler == "asha"
              else "no early stopping (fifo)")
-    print(f"searching {target.label}: {b.num_samples} trials, up to {b.max_epochs} epochs each; {rungs}")
+    startup = ""
+    if b.searcher == "tpe":
+        n_points = len(space.starting_points) if b.enqueue_starting_points else 0
+        startup = f"; TPE models after {b.startup_trials(n_points)} start-up trials"
+    print(f"searching {target.label}: {b.num_samples} trials, up to {b.max_epochs} epochs each; {rungs}{startup}")
     tuner.fit()
     signals.raise_if_interrupted()  # Tune returns normally on a stop: nothing below may treat it as done
     orphans = fail_orphaned_trials(campaign.optuna_storage, study_name, set())

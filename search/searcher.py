@@ -37,11 +37,13 @@ TRIAL_ID_ATTR = "tune_trial_id"
 START_POINT_ATTR = "starting_point"
 
 
-def make_sampler(seed: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
-    """Seeded multivariate TPE (constant_liar keeps concurrent trials apart), or random search."""
+def make_sampler(seed: int, kind: str = "tpe", startup_trials: int = 10) -> optuna.samplers.BaseSampler:
+    """Seeded multivariate TPE (constant_liar keeps concurrent trials apart) that models after
+    ``startup_trials`` random ones, or random search."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                      n_startup_trials=startup_trials)
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -135,7 +137,8 @@ def trial_state(result: dict | None, error: bool, max_epochs: int) -> TrialState
 
 def build_searcher(define_by_run: Callable, starting_points: list[dict], start_point_names: list[str],
                    study_name: str, storage_url: str, seed: int, max_epochs: int,
-                   sampler: str = "tpe", study_attrs: dict | None = None) -> "StateAwareOptunaSearch":
+                   sampler: str = "tpe", study_attrs: dict | None = None,
+                   startup_trials: int = 10) -> "StateAwareOptunaSearch":
     from search.optuna_search import StateAwareOptunaSearch
 
     return StateAwareOptunaSearch(
@@ -143,7 +146,7 @@ def build_searcher(define_by_run: Callable, starting_points: list[dict], start_p
         metric="val_top1",
         mode="max",
         points_to_evaluate=[dict(p) for p in starting_points] or None,
-        sampler=make_sampler(seed, sampler),
+        sampler=make_sampler(seed, sampler, startup_trials),
         study_name=study_name,
         storage=make_storage(storage_url),
         max_epochs=max_epochs,
