@@ -22,11 +22,18 @@ MODEL_FILE = "model.pt"  # oscqat.export.bundle.MODEL_FILE (not imported here: i
 
 err_console = Console(stderr=True)
 
-SUMMARY_COLUMNS = {  # metric -> short header
-    "epoch": "ep", "train_loss": "train loss", "val_loss": "val loss", "val_top1": "top1",
-    "val_top1_no_bnre": "top1 (no BN re-est.)", "osc_frac": "osc", "frozen_frac": "frozen",
-    "dampen_lambda": "lambda", "freeze_threshold": "f_th", "epoch_time_s": "s",
+# metric -> (header, format); headers are short and numbers have fixed widths so the table fits
+# 80 columns; optional columns are dropped (last first) on narrower terminals, never cut.
+SUMMARY_COLUMNS = {
+    "epoch": ("ep", "d"), "val_top1": ("top1", ".4f"), "val_top1_no_bnre": ("top1\nno BNre", ".4f"),
+    "osc_frac": ("osc", ".4f"), "frozen_frac": ("frozen", ".4f"), "train_loss": ("train\nloss", ".3f"),
+    "val_loss": ("val\nloss", ".3f"), "dampen_lambda": ("lambda", ".3g"), "freeze_threshold": ("f_th", ".3g"),
+    "epoch_time_s": ("s", ".1f"),
 }
+ESSENTIAL_COLUMNS = ("epoch", "val_top1")
+DROP_ORDER = ("epoch_time_s", "val_loss", "freeze_threshold", "dampen_lambda", "train_loss", "val_top1_no_bnre",
+              "frozen_frac", "osc_frac")  # first dropped first when the terminal is too narrow
+RESULTS_NOTE = "top1 = val top-1 after BN re-estimation; no BNre = with running BN statistics"
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
@@ -75,12 +82,41 @@ def run_training(cfg: TrainConfig, out: Optional[Path] = None, quiet: bool = Fal
     return trainer.history, trainer
 
 
-def results_table(history: list[dict]) -> Table:
-    table = Table(title="training results")
-    for header in SUMMARY_COLUMNS.values():
-        table.add_column(header, justify="right")
-    for m in history:
-        table.add_row(*(f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c]) for c in SUMMARY_COLUMNS))
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt) if fmt != "d" else str(int(value))
+
+
+def results_table(history: list[dict], width: int = 80) -> Table:
+    """Per-epoch results that fit ``width`` columns: columns with no value are left out, then
+    optional ones (``DROP_ORDER``) until it fits; a number is never wrapped or cut. The caption
+    names what was left out (all of it is in ``--json`` and ``metrics.json``)."""
+    from rich.console import Console as _Console
+    from rich.measure import Measurement
+
+    cols = [c for c in SUMMARY_COLUMNS if c in ESSENTIAL_COLUMNS or any(m.get(c) is not None for m in history)]
+    dropped: list[str] = []
+
+    def build() -> Table:
+        caption = RESULTS_NOTE + (f"; not shown at {width} columns: {', '.join(dropped)} (see --json)" if dropped
+                                  else "")
+        table = Table(title="training results", caption=caption)
+        for c in cols:
+            table.add_column(SUMMARY_COLUMNS[c][0], justify="right", no_wrap=True)
+        for m in history:
+            table.add_row(*(_cell(m.get(c), SUMMARY_COLUMNS[c][1]) for c in cols))
+        return table
+
+    probe = _Console(width=10_000, file=None, record=False)
+    table = build()
+    for c in DROP_ORDER:
+        if Measurement.get(probe, probe.options, table).maximum <= width:
+            break
+        if c in cols:
+            cols.remove(c)
+            dropped.append(SUMMARY_COLUMNS[c][0].replace("\n", " "))
+            table = build()
     return table
 
 
@@ -165,11 +201,12 @@ def make_train_command(hook_for: HookFactory | None = None):
             sys.stdout.write(json.dumps({"epochs": history, "final": history[-1], "out": str(out_dir), **extra}) + "\n")
             return
         console = Console()
-        console.print(results_table(history))
+        console.print(results_table(history, console.width))
         final = history[-1]
         console.print(f"model: {final['model_size_kb']:.1f} KiB packed weights, {final['bops_g']:.4g} GBOPs per image",
                       highlight=False)
-        console.print(f"model saved in {out_dir}/{MODEL_FILE} (export: oscqat export onnx {out_dir})", highlight=False)
+        console.print(f"model saved in {out_dir}/{MODEL_FILE} (export: oscqat export onnx {out_dir})", highlight=False,
+                      soft_wrap=True)  # a path is never broken across lines
         if closing:
             console.print(closing, highlight=False)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
 # The one definition of the dataset names (TrainConfig and campaigns both use it).
@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
 
     # data
     dataset: DatasetName = "digits"
-    data_dir: str | None = None
+    data_dir: str | None = Field(default=None, validate_default=True)  # checked against dataset
     download: bool = False
     image_size: int | None = Field(default=None, gt=0, le=1024)
     # share of the training data held out as the selection split (val_top1); the test split is
@@ -128,24 +128,35 @@ class TrainConfig(BaseModel):
     def _check_arch(cls, value: str) -> str:
         return check_arch(value)
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> "TrainConfig":
-        if self.freeze_threshold_end > self.freeze_threshold_start:
-            raise ValueError(
-                f"freeze_threshold_end ({self.freeze_threshold_end}) must not exceed "
-                f"freeze_threshold_start ({self.freeze_threshold_start})"
-            )
-        if self.dataset == "imagefolder":
-            if not self.data_dir:
-                raise ValueError("data_dir is required for dataset 'imagefolder'")
-            if not Path(self.data_dir).expanduser().is_dir():
-                raise ValueError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
-        if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
+    # Field validators, not a model validator, so an error is labelled with the field it is about
+    # (a model validator's errors have no location). `info.data` holds the fields declared above.
+    @field_validator("pretrained")
+    @classmethod
+    def _check_pretrained(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
             from oscqat.models import is_library_weight_name
 
-            if not is_library_weight_name(self.pretrained):
-                raise ValueError(f"pretrained {self.pretrained!r} is neither a file nor a known weight name")
-        return self
+            if not is_library_weight_name(value):
+                raise ValueError(f"{value!r} is neither a file nor a known weight name")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("dataset") == "imagefolder":
+            if not value:
+                raise ValueError("required for dataset 'imagefolder'")
+            if not Path(value).expanduser().is_dir():
+                raise ValueError(f"{value!r} does not exist or is not a directory")
+        return value
+
+    @field_validator("freeze_threshold_end")
+    @classmethod
+    def _check_freeze_end(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("freeze_threshold_start")
+        if start is not None and value > start:
+            raise ValueError(f"{value} must not exceed freeze_threshold_start ({start})")
+        return value
 
     # convenience -------------------------------------------------------
     @property
@@ -226,15 +237,15 @@ def load_yaml_mapping(path: str | Path, max_bytes: int = 1 << 20) -> dict:
     return data
 
 
-def format_validation_error(exc, source: str) -> str:
+def format_validation_error(exc, source: str, what: str = "configuration") -> str:
     """Turn a pydantic ValidationError into lines that name each offending field."""
-    lines = [f"{source}: invalid configuration"]
+    lines = [f"{source}: invalid {what}"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")  # no location: the message names its fields
     return "\n".join(lines)
 
 

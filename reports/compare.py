@@ -78,6 +78,11 @@ def compare_rows(store: CampaignStore) -> list[dict]:
             "best_remedy_trial_id": remedy.trial_id if remedy else None,
             "best_remedy_method": remedy.method if remedy else None,
             "remedy_gain": (remedy.val_top1 - lsq.val_top1) if (lsq and remedy) else None,
+            # the same val-selected trials on the held-out test split (what the HTML report shows)
+            "best_lsq_test_top1": lsq.final.get("test_top1") if lsq else None,
+            "best_remedy_test_top1": remedy.final.get("test_top1") if remedy else None,
+            "remedy_gain_test": (remedy.final["test_top1"] - lsq.final["test_top1"])
+                                if (lsq and remedy and "test_top1" in lsq.final and "test_top1" in remedy.final) else None,
             "osc_frac": final.get("osc_frac"),
             "osc_frac_depthwise": final.get("osc_frac_depthwise"),
             "osc_frac_pointwise": final.get("osc_frac_pointwise"),

@@ -198,8 +198,18 @@ def _importances(study, complete: list, fig: Figure, out_dir: Path, name: str) -
 
 
 # our own plots --------------------------------------------------------------------------------
+SELECTED_SHOWN = "selected on val_top1, shown: held-out test top-1"  # what every accuracy figure plots
+
+
+def _test_top1(rec: TrialRecord | None) -> float:
+    """The held-out test top-1 of a (val-selected) trial, in %; NaN when it has none."""
+    return rec.final["test_top1"] * 100 if rec is not None and "test_top1" in rec.final else float("nan")
+
+
 def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
-    """Best final val_top1 per method against bit-width, one figure per architecture, paper beside."""
+    """Per method the trial with the best final val_top1, plotted at its *test* top-1 (select on one
+    split, show another), against bit-width; the confirmed winner's test mean ± sample std where the
+    target confirmed; one figure per architecture, the paper beside."""
     figs = []
     archs = sorted({t.arch for t in store.targets})
     for arch in archs:
@@ -210,10 +220,7 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
         mfig, ax = plt.subplots(figsize=(6.4, 4.2))
         drawn = False
         for method in METHOD_ORDER:
-            ys = []
-            for t in targets:
-                best = store.best(t, lambda r, m=method: r.method == m)
-                ys.append(best.val_top1 * 100 if best else float("nan"))
+            ys = [_test_top1(store.best(t, lambda r, m=method: r.method == m)) for t in targets]
             if any(y == y for y in ys):
                 ax.plot(range(len(xs)), ys, "o-", color=METHOD_COLORS[method], label=f"ours: {method}")
                 drawn = True
@@ -222,23 +229,38 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
                 if any(y == y for y in pys):
                     ax.plot(range(len(xs)), pys, "s--", mfc="none", color=METHOD_COLORS[method],
                             label=f"paper: {method}")
-        fp_top1 = fp_baseline(store, arch)
-        if fp_top1 is not None:
-            ax.axhline(fp_top1 * 100, color="black", ls=":", lw=1.2, label=f"ours: FP baseline ({fp_top1 * 100:.2f})")
+        confirmed = False
+        for i, t in enumerate(targets):
+            winner = store.confirmed(t)[0]
+            if winner is None or winner.test_mean is None:
+                continue
+            ax.errorbar([i + 0.08], [winner.test_mean * 100], yerr=[(winner.test_std or 0.0) * 100], fmt="D",
+                        color="black", mfc="white", capsize=4, zorder=4,
+                        label=None if confirmed else "ours: confirmed winner (test mean ± sample std)")
+            confirmed = drawn = True
+        fp = fp_baseline(store, arch, split="test")
+        fp_split = "test"
+        if fp is None:
+            fp, fp_split = fp_baseline(store, arch), "val"
+        if fp is not None:
+            ax.axhline(fp * 100, color="black", ls=":", lw=1.2, label=f"ours: FP baseline ({fp_split} {fp * 100:.2f})")
             drawn = True
         ax.set_xticks(range(len(xs)), xs)
+        ax.set_xlim(-0.5, len(xs) - 0.5)  # one target: keep the winner's diamond beside its point
         ax.set_xlabel("bit-width")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
         if drawn or paper:
             ax.legend(fontsize=8)
+        shown = (f"{SELECTED_SHOWN}: per method the COMPLETE trial with the best val_top1 in this campaign "
+                 f"(dataset {store.campaign.dataset}), drawn at its test top-1"
+                 + ("; diamonds: the confirmed winner's test mean ± sample std over fresh seeds" if confirmed else ""))
         if paper:
             ax.set_title(f"{arch}: ours ({store.campaign.dataset}) vs paper (ImageNet)")
-            fig.caption = (f"solid: best COMPLETE trial per method in this campaign (dataset {store.campaign.dataset}); "
-                           f"dashed: the paper's numbers, {PAPER_SOURCE}")
+            fig.caption = f"{shown}. Dashed: the paper's numbers, {PAPER_SOURCE}"
         else:
             ax.set_title(f"{arch}: ours only ({store.campaign.dataset})")
-            fig.caption = "best COMPLETE trial per method in this campaign"
+            fig.caption = shown
             fig.note = (f"the paper reports no numbers for {arch} (only mobilenet_v2, mobilenet_v3_small and "
                         f"efficientnet_lite0): ours only")
         fig.file = _save(mfig, out_dir, f"accuracy-vs-bits-{slug(arch)}.png")
@@ -246,15 +268,15 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
     return figs
 
 
-def fp_baseline(store: CampaignStore, arch: str) -> float | None:
-    """The val_top1 of the FP checkpoint the campaign pretrained for ``arch`` (``fp/<arch>.json``,
-    written beside it), or None (a given ``pretrained`` file, or an older campaign)."""
+def fp_baseline(store: CampaignStore, arch: str, split: str = "val") -> float | None:
+    """The ``{split}_top1`` of the FP checkpoint the campaign pretrained for ``arch`` (``fp/<arch>.json``,
+    written beside it), or None (a given ``pretrained`` file, an older campaign, no such split)."""
     campaign_dir = getattr(store, "campaign_dir", None)
     if campaign_dir is None:
         return None
     path = Path(campaign_dir) / "fp" / f"{arch}.json"
     try:
-        return float(json.loads(path.read_text())["val_top1"])
+        return float(json.loads(path.read_text())[f"{split}_top1"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -390,24 +412,25 @@ def accuracy_vs_size(store: CampaignStore, out_dir: Path) -> Figure:
     best_points, archs = [], sorted({t.arch for t in store.targets})
     colors = {arch: f"C{i}" for i, arch in enumerate(archs)}
     for t in store.targets:
-        done = [r for r in store.ranked(t) if "model_size_kb" in r.final]
+        # ranked on val_top1 (done[0] is the selected trial), every point drawn at its test top-1
+        done = [r for r in store.ranked(t) if "model_size_kb" in r.final and "test_top1" in r.final]
         if not done:
             continue
-        ax.scatter([r.final["model_size_kb"] for r in done], [r.val_top1 * 100 for r in done], s=12, alpha=0.3,
+        ax.scatter([r.final["model_size_kb"] for r in done], [_test_top1(r) for r in done], s=12, alpha=0.3,
                    color=colors[t.arch])
-        size, acc = done[0].final["model_size_kb"], done[0].val_top1 * 100
+        size, acc = done[0].final["model_size_kb"], _test_top1(done[0])
         ax.scatter([size], [acc], s=60, color=colors[t.arch], edgecolor="black", zorder=3)
         ax.annotate(t.label, (size, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
         best_points.append((size, acc))
     if not best_points:
         plt.close(mfig)
-        fig.note = ("no COMPLETE trial has a model_size_kb metric (campaigns run before sizes were logged; "
-                    "`oscqat report sync` cannot backfill it)")
+        fig.note = ("no COMPLETE trial has model_size_kb and test_top1 metrics (campaigns run before they were "
+                    "logged; `oscqat report sync` cannot backfill them)")
         return fig
     front = pareto_front(best_points)
     right = max(p[0] for p in best_points)  # the front holds its last accuracy out to the largest model
     ax.step([p[0] for p in front] + [right], [p[1] for p in front] + [front[-1][1]], where="post", color="black",
-            lw=1.2, label="Pareto front (best trial per target)")
+            lw=1.2, label="Pareto front (selected trial per target)")
     paper_drawn = []
     for arch in archs:
         paper = paper_numbers(arch)
@@ -425,11 +448,12 @@ def accuracy_vs_size(store: CampaignStore, out_dir: Path) -> Figure:
         paper_drawn.append(arch)
     ax.set_xscale("log")
     ax.set_xlabel("model size (KiB, packed weights at trained bit-widths; log scale)")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
-    fig.caption = (f"dots: COMPLETE trials (dataset {store.campaign.dataset}); outlined: each target's best; the "
-                   "line is the Pareto front over the targets' best trials. Size = sum of weights x weight bits "
+    fig.caption = (f"{SELECTED_SHOWN}. Dots: COMPLETE trials at their test top-1 (dataset {store.campaign.dataset}); "
+                   "outlined: each target's selected trial (best val_top1); the line is the Pareto front over "
+                   "the selected trials' test top-1. Size = sum of weights x weight bits "
                    "+ 32 bits per other parameter/BN statistic (oscqat.cost).")
     if paper_drawn:
         fig.caption += f" Squares/stars: the paper's ImageNet top-1 and FP32 at those networks' sizes, {PAPER_SOURCE}."

@@ -15,7 +15,7 @@ from fractions import Fraction
 from math import lcm
 from pathlib import Path
 
-from reports.compare import compare_rows, key_params, params_text
+from reports.compare import SPLIT_NOTE, compare_rows, key_params, params_text
 from reports.figures import Figure, campaign_figures
 from reports.paper import PAPER_FP_TOP1, PAPER_NOTES, PAPER_SOURCE, paper_numbers
 from reports.store import CampaignStore
@@ -58,22 +58,40 @@ def _figure_html(fig: Figure, fig_dir: Path) -> str:
     return "".join(parts)
 
 
-_NUMERIC = {1, 7, 9, 10, 11, 12, 13, 14}  # summary columns aligned right
+_SUMMARY_HEAD = ["target", "confirmed winner: test top-1", "selected trial", "method", "val_top1 (selected on)",
+                 "test top-1", "key params", "best LSQ: test", "best dampen/freeze: test", "gain (test)",
+                 "osc frac (dw / pw)", "frozen", "complete", "pruned", "failed", "trial-epochs", "wall (s)"]
+_NUMERIC = {1, 4, 5, 9, 11, 12, 13, 14, 15, 16}  # summary columns aligned right
+
+
+def _test_of(test, val, *labels) -> str:
+    """``test (val v, labels)``: the held-out value shown, the selection value that chose it beside."""
+    if val is None:
+        return "-"
+    return f"{_f(test)} (val {val:.4f}, {', '.join(str(x) for x in labels)})"
+
+
+def _confirmed_text(r: dict) -> str:
+    if not r.get("confirmed_trial_id") or r.get("confirmed_test_top1_mean") is None:
+        return "-"
+    std = r.get("confirmed_test_top1_std")
+    return (f"{r['confirmed_test_top1_mean']:.4f}{' ± ' + format(std, '.4f') if std is not None else ''} "
+            f"(n={len(r.get('confirm_seeds') or [])}, {r['confirmed_trial_id']})")
 
 
 def _summary_table(rows: list[dict]) -> str:
-    head = ["target", "best val_top1", "trial", "method", "key params", "best LSQ", "best dampen/freeze", "gain",
-            "osc frac (dw / pw)", "frozen", "complete", "pruned", "failed", "trial-epochs", "wall (s)"]
-    out = ["<table id='summary'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    """Every accuracy shown is test top-1 of a trial chosen on val_top1 (never select and show on one split)."""
+    out = ["<table id='summary'><tr>" + "".join(f"<th>{h}</th>" for h in _SUMMARY_HEAD) + "</tr>"]
     for r in rows:
-        remedy = "-" if r["best_remedy_val_top1"] is None else (
-            f"{r['best_remedy_val_top1']:.4f} ({r['best_remedy_method']}, {r['best_remedy_trial_id']})")
-        lsq = "-" if r["best_lsq_val_top1"] is None else f"{r['best_lsq_val_top1']:.4f} ({r['best_lsq_trial_id']})"
+        remedy = _test_of(r.get("best_remedy_test_top1"), r["best_remedy_val_top1"], r["best_remedy_method"],
+                          r["best_remedy_trial_id"])
+        lsq = _test_of(r.get("best_lsq_test_top1"), r["best_lsq_val_top1"], r["best_lsq_trial_id"])
         osc = "-" if r["osc_frac"] is None else (
             f"{r['osc_frac']:.4f} ({_f(r['osc_frac_depthwise'])} / {_f(r['osc_frac_pointwise'])})")
-        cells = [_e(r["target"]), _f(r["best_val_top1"]), _e(r["best_trial_id"]), _e(r["method"]),
-                 _e(params_text(r["params"])), _e(lsq), _e(remedy),
-                 "-" if r["remedy_gain"] is None else f"{r['remedy_gain']:+.4f}", _e(osc), _f(r["frozen_frac"]),
+        gain = r.get("remedy_gain_test")
+        cells = [_e(r["target"]), _e(_confirmed_text(r)), _e(r["best_trial_id"]), _e(r["method"]),
+                 _f(r["best_val_top1"]), _f(r.get("best_test_top1")), _e(params_text(r["params"])), _e(lsq),
+                 _e(remedy), "-" if gain is None else f"{gain:+.4f}", _e(osc), _f(r["frozen_frac"]),
                  str(r["trials_complete"]), str(r["trials_pruned"]), str(r["trials_failed"]),
                  str(r["trial_epochs"]), f"{r['wall_time_s']:.1f}"]
         out.append("<tr>" + "".join(f"<td class='num'>{c}</td>" if i in _NUMERIC else f"<td>{c}</td>"
@@ -94,14 +112,18 @@ def paper_table(store: CampaignStore) -> tuple[str, list[dict]]:
             if best is None and method not in paper:
                 continue
             rows.append({"arch": t.arch, "bits": t.bits, "method": method,
-                         "ours_top1_pct": round(best.val_top1 * 100, 2) if best else None,
+                         # selected on val_top1, shown on the held-out test split
+                         "ours_top1_pct": (round(best.final["test_top1"] * 100, 2)
+                                           if best and "test_top1" in best.final else None),
+                         "ours_val_top1_pct": round(best.val_top1 * 100, 2) if best else None,
                          "ours_trial_id": best.trial_id if best else None,
                          "paper_top1_pct": paper.get(method),
                          "paper_note": PAPER_NOTES.get((t.arch, t.bits, method))})
-    head = "<tr><th>arch</th><th>bits</th><th>method</th><th>ours top-1 (%)</th><th>trial</th><th>paper top-1 (%)</th></tr>"
+    head = "<tr><th>arch</th><th>bits</th><th>method</th><th>ours test top-1 (%)</th><th>selected on val (%)</th><th>trial</th><th>paper top-1 (%)</th></tr>"
     body = "".join(
         f"<tr><td>{_e(r['arch'])}</td><td>{_e(r['bits'])}</td><td>{_e(r['method'])}</td>"
-        f"<td class='num'>{_e(r['ours_top1_pct'])}</td><td>{_e(r['ours_trial_id'])}</td>"
+        f"<td class='num'>{_e(r['ours_top1_pct'])}</td><td class='num'>{_e(r['ours_val_top1_pct'])}</td>"
+        f"<td>{_e(r['ours_trial_id'])}</td>"
         f"<td class='num'>{_e(r['paper_top1_pct'] if r['paper_top1_pct'] is not None else 'n/a')}"
         f"{' (' + _e(r['paper_note']) + ')' if r['paper_note'] else ''}</td></tr>" for r in rows)
     return f"<table id='paper'>{head}{body}</table>", rows
@@ -199,8 +221,11 @@ def _build(store: CampaignStore, out_dir: Path, rows: list[dict], fig_dir: Path)
              f"generated {_e(when)}</p>",
              "<nav><ul>" + "".join(f"<li><a href='#{s}'>{s}</a></li>" for s in sections) + "</ul></nav>",
              "<h2 id='summary'>Summary</h2>",
-             "<p>Best COMPLETE trial per target by final val_top1 (after BN re-estimation); oscillating and "
-             "frozen fractions are the best trial's last epoch; compute is trial-epochs run and the sum of their "
+             f"<p class='meta' id='split-note'>{_e(SPLIT_NOTE)}.</p>",
+             "<p>Per target the COMPLETE trial with the best final val_top1 (after BN re-estimation) is selected, "
+             "and its held-out <b>test top-1</b> is shown (its val_top1 beside, as the value it was selected on); "
+             "best LSQ and best dampen/freeze likewise, gain = their test difference. Oscillating and frozen "
+             "fractions are the selected trial's last epoch; compute is trial-epochs run and the sum of their "
              "<code>epoch_time_s</code>.</p>", f"<div class='scroll'>{_summary_table(rows)}</div>",
              "<h2 id='accuracy-vs-bits'>Accuracy vs bit-width</h2>"]
     parts += [_figure_html(f, fig_dir) for f in figs["overview"]]

@@ -167,8 +167,9 @@ class Campaign(_Strict):
         for i, target in enumerate(self.targets):  # base must make a valid TrainConfig for each target
             try:
                 self.train_config(target, {})
-            except ConfigError as exc:
-                raise ValueError(f"targets[{i}] with base: {exc}") from None
+            except ConfigError as exc:  # name the target and each field: "targets[0] (arch/bits): pretrained: ..."
+                fields = "; ".join(line.strip() for line in str(exc).splitlines()[1:])
+                raise ValueError(f"targets[{i}] ({target.label}) with base: {fields}") from None
         return self
 
     # helpers -------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Tune's own output (a status table per trial and event, hundreds of lines for a demo) is kept for
 ``oscqat search run --verbose``. Otherwise one line per target shows trials by state, the best
 selection value so far and a bar; it is redrawn in place on a terminal and, when the output is
-piped or logged, printed once per finished trial so a log stays short and greppable.
+piped or logged, printed once per started and per finished trial so a log stays short and greppable.
 """
 
 from __future__ import annotations
@@ -150,7 +150,10 @@ class TargetProgress(Callback):
     # Tune events ------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         self._states[trial.trial_id] = "RUNNING"
-        self._draw(force=True)
+        # piped, a line per start too: a line printed only when a trial ends always shows one
+        # running trial fewer than run at once (the finished one's successor has not started yet)
+        self._draw(force=True, event=f"{self.target_label}: trial {trial.trial_id} ({_what(trial.config or {})}) "
+                                     f"started")
 
     def on_trial_restore(self, iteration, trials, trial, **info):
         self._states[trial.trial_id] = "RUNNING"

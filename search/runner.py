@@ -179,17 +179,17 @@ def _fp_checkpoint(campaign: Campaign, target: Target, campaign_dir: Path) -> tu
         })
         print(f"pretraining the shared FP checkpoint for {target.arch} ({fp_cfg.epochs} epochs, once per campaign)")
         task = ray.remote(_pretrain_fp).options(num_cpus=campaign.resources.cpu, num_gpus=campaign.resources.gpu)
-        state, top1 = ray.get(task.remote(fp_cfg.model_dump(mode="json")))
+        state, top1 = ray.get(task.remote(fp_cfg.model_dump(mode="json")))  # {"val_top1", "test_top1"}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps({"val_top1": top1}))  # the reports' FP reference line
-        print(f"FP checkpoint for {target.arch}: val_top1 {top1:.4f} -> {path}")
+        path.with_suffix(".json").write_text(json.dumps(top1))  # the reports' FP reference line
+        print(f"FP checkpoint for {target.arch}: val_top1 {top1['val_top1']:.4f} -> {path}")
     return str(path), torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _pretrain_fp(cfg_dict: dict) -> tuple[dict, float]:
+def _pretrain_fp(cfg_dict: dict) -> tuple[dict, dict]:
 
     from oscqat.config import TrainConfig
     from oscqat.trainer import Trainer
@@ -199,7 +199,8 @@ def _pretrain_fp(cfg_dict: dict) -> tuple[dict, float]:
     _set_threads()
     trainer = Trainer(TrainConfig.model_validate(cfg_dict))
     history = trainer.fit()
-    return {k: v.cpu() for k, v in trainer.model.state_dict().items()}, history[-1]["val_top1"]
+    return {k: v.cpu() for k, v in trainer.model.state_dict().items()}, {
+        k: history[-1][k] for k in ("val_top1", "test_top1") if history[-1].get(k) is not None}
 
 
 def _base_config(campaign: Campaign, target: Target, fp_path: str) -> dict:

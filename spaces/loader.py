@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from oscqat.config import BUILTIN_ARCHS
+from oscqat.config import BUILTIN_ARCHS, format_validation_error
 
 from spaces.errors import SpaceError
 from spaces.schema import KINDS, AnyParam, BitsSection, ParamSpec, SpaceFileModel, fmt_value
@@ -120,12 +120,7 @@ def _read_model(path: Path) -> SpaceFileModel:
     try:
         return SpaceFileModel.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{path}: invalid space file"]
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}")
-        raise SpaceError("\n".join(lines)) from None
+        raise SpaceError(format_validation_error(exc, str(path), "space file")) from None
 
 
 def _normalise_bits(key: Any, source: str) -> str:

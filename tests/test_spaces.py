@@ -351,7 +351,7 @@ def test_unknown_space_name_suggests_a_close_one():
 def test_invalid_starting_point_train_config_is_refused(tmp_path):
     text = GOOD.replace("momentum: {type: fixed, value: 0.9}", "pretrained: {type: fixed, value: /no/such/file.pt}")
     text = text.replace(", momentum: 0.9}", "}")
-    with pytest.raises(SpaceError, match=r"(?s)bits w4a4: starting point 'base' is not a valid TrainConfig:\n.*pretrained '/no/such/file.pt'"):
+    with pytest.raises(SpaceError, match=r"(?s)bits w4a4: starting point 'base' is not a valid TrainConfig:\n.*pretrained: '/no/such/file.pt'"):
         load_space_file(write(tmp_path, text))
 
 

@@ -146,3 +146,46 @@ def test_collapsed_quantizer_fails_naming_the_layer(tmp_path):
     assert "collapsed" in result.stderr and "classifier." in result.stderr and "_quantizer" in result.stderr
     assert "Traceback" not in result.output
     assert result.stdout == ""  # no half-written JSON
+
+
+def _history(epochs: int = 3) -> list[dict]:
+    return [{"epoch": e, "train_loss": 1.84321 / e, "val_loss": 1.04812 / e, "val_top1": 0.84375 + e / 100,
+             "val_top1_no_bnre": 0.13194 * e, "osc_frac": 0.00083 / e, "frozen_frac": 0.0118 * e,
+             "dampen_lambda": 0.0201 * e, "freeze_threshold": 0.0821 / e, "epoch_time_s": 21.04 + e}
+            for e in range(1, epochs + 1)]
+
+
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_results_table_fits_the_terminal_and_never_cuts_a_number(width):
+    from rich.console import Console
+
+    from oscqat.cli import results_table
+
+    history = _history()
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))
+    console.print(results_table(history, width))
+    text = console.export_text()
+    assert all(len(line) <= width for line in text.splitlines()), text
+    assert "…" not in text
+    for m in history:  # the columns that always stay, in full
+        assert f"{m['val_top1']:.4f}" in text
+    if width == 80:  # at 80 columns only the epoch time has to go, and the caption says so
+        for m in history:
+            for key, fmt in (("val_top1_no_bnre", ".4f"), ("osc_frac", ".4f"), ("frozen_frac", ".4f"),
+                             ("train_loss", ".3f"), ("val_loss", ".3f")):
+                assert format(m[key], fmt) in text, key
+        assert "not shown at 80 columns: s" in " ".join(text.split())
+    else:
+        assert f"not shown at {width} columns:" in " ".join(text.split())
+
+
+def test_train_table_in_an_80_column_terminal(tmp_path):
+    cfg = _write(tmp_path, yaml.safe_dump(tiny_train_kwargs(epochs=1, bn_reestimate_batches=2)))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", str(cfg), "--out", str(out)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "metrics.json").read_text())["epochs"][-1]
+    lines = result.stdout.split("model:", 1)[0].splitlines()  # the table and its caption (paths are soft-wrapped)
+    assert len(lines) >= 6 and all(len(line) <= 80 for line in lines), result.stdout
+    assert "…" not in result.stdout
+    assert f"{final['val_top1']:.4f}" in result.stdout and f"{final['train_loss']:.3f}" in result.stdout

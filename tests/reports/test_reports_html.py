@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from html import escape as html_text, unescape as html_unescape
+
 from reports_testlib import invoke
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,6 +49,18 @@ def test_html_report_sections_figures_and_artifacts(report_campaign, tmp_path):
     assert "id='accuracy-vs-size'" in page and "accuracy-vs-size" in manifest["sections"]
     size = manifest["figures"]["size"]
     assert [f["file"] for f in size] == ["accuracy-vs-size.png"] and "Pareto front" in size[0]["caption"]
+    # select on one split, show another: the summary shows the selected trial's held-out test top-1
+    # (val beside), the confirmed winner's test mean ± sample std, and says which split did what
+    from reports.compare import SPLIT_NOTE
+
+    assert html_text(SPLIT_NOTE) in page and "val_top1 (selected on)" in page
+    summary = page.split("id='summary'>", 1)[1].split("</table>", 1)[0]
+    for row in manifest["rows"]:
+        assert row["best_test_top1"] is not None and f"{row['best_test_top1']:.4f}" in summary
+        assert f"{row['confirmed_test_top1_mean']:.4f} ± {row['confirmed_test_top1_std']:.4f}" in html_unescape(summary)
+    assert overview[0]["caption"].startswith("selected on val_top1, shown: held-out test top-1")
+    assert "confirmed winner's test mean" in overview[0]["caption"]
+    assert size[0]["caption"].startswith("selected on val_top1, shown: held-out test top-1")
     # one file: every figure is embedded as a PNG data URI, no image files beside the page
     import base64
 
@@ -107,14 +121,19 @@ def test_accuracy_figure_puts_paper_numbers_beside_ours(tmp_path):
 
         def best(self, target, method_filter=None):
             for method in ("lsq", "dampen", "freeze"):
-                rec = TrialRecord(trial_id="t", state="COMPLETE", method=method,
-                                  val_top1=best.get((target.bits, method)))
+                val = best.get((target.bits, method))
+                rec = TrialRecord(trial_id="t", state="COMPLETE", method=method, val_top1=val,
+                                  final={} if val is None else {"test_top1": val - 0.01})
                 if rec.val_top1 is not None and (method_filter is None or method_filter(rec)):
                     return rec
             return None
 
+        def confirmed(self, target):
+            return None, [], []
+
     figs = accuracy_vs_bits(FakeStore(), tmp_path)
     assert len(figs) == 1 and figs[0].note is None and "paper" in figs[0].caption.lower()
+    assert figs[0].caption.startswith("selected on val_top1, shown: held-out test top-1")
     assert (tmp_path / figs[0].file).read_bytes()[:8] == PNG_MAGIC
 
 

@@ -24,3 +24,25 @@ def test_narrow_widths_drop_whole_parts():
         for piece in line.replace(" · ", "|").replace(" [", "|").split("|")[1:]:
             assert piece in parts or piece.startswith("#") or piece.endswith("]"), (width, piece)
     assert "1h02m" in full
+
+
+def test_piped_log_shows_trials_running_at_once(capsys):
+    """Two trials on two CPUs: the piped log says "2 running" when both run (a line printed only at
+    each trial's end showed "1 running", the finished one's successor not yet started)."""
+    from types import SimpleNamespace
+
+    from search.progress import TargetProgress
+
+    progress = TargetProgress("demo_net/w3a3", num_samples=3, max_epochs=2)
+    a, b, c = (SimpleNamespace(trial_id=t, config={"method": m}, last_result={"val_top1": v, "epoch": 2,
+                                                                              "training_iteration": 2})
+               for t, m, v in (("aaaa0001", "lsq", 0.81), ("bbbb0002", "dampen", 0.84), ("cccc0003", "freeze", 0.8)))
+    progress.on_trial_start(0, [], a)
+    progress.on_trial_start(0, [], b)
+    progress.on_trial_complete(0, [], a)
+    progress.on_trial_start(0, [], c)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "demo_net/w3a3: trial aaaa0001 (lsq) started"
+    assert lines[2] == "demo_net/w3a3: trial bbbb0002 (dampen) started" and "2 running" in lines[3]
+    assert "trial aaaa0001 (lsq) complete, val_top1 0.8100" in lines[4] and "1 running · 1 complete" in lines[5]
+    assert "trial cccc0003 (freeze) started" in lines[6] and "2 running · 1 complete" in lines[7]
