@@ -488,7 +488,7 @@ def search_section(quick: bool, work: Path, fig_dir: Path, previous: dict | None
     fig.savefig(fig_dir / "search_best_so_far.png", dpi=110)
     plt.close(fig)
     return {"arch": SEARCH_ARCH, "bits": SEARCH_BITS, "max_epochs": max_epochs, "seeds": seeds, "rows": rows,
-            "curves": curves}
+            "curves": curves, "tpe_startup_trials": tpe_startup_trials(quick)}
 
 
 # report ------------------------------------------------------------------------------------------
@@ -615,14 +615,18 @@ def discussion(res: dict) -> str:
     rnd, tpe = rows.get("random", {}).get("runs", []), rows.get("tpe_asha", {}).get("runs", [])
     if rnd and tpe:
         same = sum(a["test_top1"] == b["test_top1"] for a, b in zip(rnd, tpe))
-        startup = tpe_startup_trials()
+        startup = res["search"].get("tpe_startup_trials", 10)
         trials = max(r.get("trials") or 0 for r in tpe)
+        now = tpe_startup_trials(res.get("quick", False))
         notes.append(f"- Random search and TPE + ASHA confirmed a winner with the same test top-1 on {same} of "
-                     f"{len(tpe)} campaign seeds. Optuna's TPE draws its first {startup} trials at random "
+                     f"{len(tpe)} campaign seeds. TPE drew its first {startup} trials at random "
                      f"(n_startup_trials) from a random sampler seeded like the random campaign's, and these "
                      f"campaigns ran {trials} TPE trials"
-                     + (", so TPE never modelled: its campaigns were the space's starting points plus the random "
-                        "campaign's first draws, under ASHA." if trials <= startup else "."))
+                     + (", so TPE never modelled: its campaigns were the space's starting points plus random "
+                        "draws, under ASHA." if trials <= startup else ".")
+                     + (f" The product now defaults to {now} start-up trials for this budget "
+                        "(`budget.tpe_startup_trials: auto`); that default is not measured here "
+                        "(`--sections search` re-runs it)." if now != startup else ""))
     fr = [r["frozen_frac"] for r in rows.get("release-freeze", {}).get("runs", [])]
     if fr:
         notes.append(f"- The release freeze recipe (m = 1e-3) froze a mean {statistics.fmean(fr) * 100:.3f}% of the "
@@ -630,11 +634,14 @@ def discussion(res: dict) -> str:
     return "\n".join(notes)
 
 
-def tpe_startup_trials() -> int:
-    """How many trials Optuna's TPE sampler (as search/searcher.py builds it) draws at random first."""
-    from search.searcher import make_sampler
+def tpe_startup_trials(quick: bool = False) -> int:
+    """How many trials the evidence campaigns' TPE draws at random first under the current default
+    (``budget.tpe_startup_trials: auto``: the space's starting points + 1, or a third of the budget)."""
+    from search.campaign import Budget
+    from spaces import load_space
 
-    return int(make_sampler(0, "tpe")._n_startup_trials)
+    points = load_space(SEARCH_ARCH, SEARCH_BITS).starting_points
+    return Budget(num_samples=size("tpe_trials", quick)).startup_trials(len(points))
 
 
 SECTIONS = ("benchmark", "toy", "oscillation", "accuracy", "search")
