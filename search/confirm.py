@@ -76,9 +76,10 @@ def select_candidates(study, space, top_k: int) -> list[Candidate]:
 
     from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value is not None and t.user_attrs.get(TRIAL_ID_ATTR)]
-    complete.sort(key=lambda t: (-t.value, t.number))
+    from search.results import rank_complete
+
+    complete = rank_complete([t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TRIAL_ID_ATTR)],
+                             state=lambda t: t.state.name, value=lambda t: t.value, order=lambda t: t.number)
     out = []
     for t in complete[:top_k]:
         params = space.sample(optuna.trial.FixedTrial(dict(t.params)))
@@ -151,7 +152,7 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
     points = {c.trial_id: c.params for c in candidates}
     ranks = {c.trial_id: i + 1 for i, c in enumerate(candidates)}
     exp_path = conf["experiment_path"]
-    fn = tune.with_parameters(confirm_trial, points=points, base_config={**base_config, "pretrained": None},
+    fn = tune.with_parameters(confirm_trial, points=points, base_config=base_config,
                               fp_state=fp_state, checkpoint_interval_s=campaign.checkpoint_interval_s)
     trainable = tune.with_resources(fn, {"cpu": campaign.resources.cpu, "gpu": campaign.resources.gpu})
     if resume and tune.Tuner.can_restore(exp_path):
