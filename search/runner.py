@@ -160,13 +160,10 @@ def _pretrain_fp(cfg_dict: dict) -> tuple[dict, float]:
 
 
 def _trainable(campaign: Campaign, base_config: dict, fp_state: dict):
-    from ray import tune
-
     from search.trainable import train_trial
+    from search.tuners import with_trial_resources
 
-    fn = tune.with_parameters(train_trial, base_config=base_config, fp_state=fp_state,
-                              checkpoint_interval_s=campaign.checkpoint_interval_s)
-    return tune.with_resources(fn, {"cpu": campaign.resources.cpu, "gpu": campaign.resources.gpu})
+    return with_trial_resources(campaign, train_trial, base_config=base_config, fp_state=fp_state)
 
 
 # one target ------------------------------------------------------------------------
@@ -223,11 +220,10 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
     from ray import tune
 
     from search import signals
-    from search.progress import progress_callbacks, tune_verbosity
     from search.rungs import check_campaign_rungs, describe_rungs
     from search.searcher import build_searcher, fail_orphaned_trials
     from search.tracking import MlflowTrialCallback
-    from search.trial_memory import TrimFinishedTrials
+    from search.tuners import build_search_tuner
 
     b = campaign.budget
     grace, latest_start = check_campaign_rungs(campaign, {target.label: space})[target.label]
@@ -245,34 +241,9 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
                                   campaign.seed, b.max_epochs, sampler=b.searcher,
                                   study_attrs={"campaign": campaign.name, "target": target.label,
                                                "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id})
-        if b.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
-                                      grace_period=grace, reduction_factor=b.reduction_factor)
-        else:
-            from ray.tune.schedulers import FIFOScheduler
-
-            scheduler = FIFOScheduler()
         callback = MlflowTrialCallback(campaign.mlflow.tracking_uri, experiment_id, parent_id, campaign.name,
                                        target.label, base_config, b.max_epochs, study_name)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(metric="val_top1", mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=b.num_samples, max_concurrent_trials=campaign.max_concurrent_trials,
-                                        time_budget_s=b.time_budget_s,
-                                        # a new trial reuses a finished trial's worker process: no new
-                                        # process, torch import and data set build per trial
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=target.slug, storage_path=campaign.ray_storage_path(),
-                # the trimmer last: after MLflow read the trial; the compact progress line unless --verbose
-                callbacks=[callback, *progress_callbacks(target.label, b.num_samples, b.max_epochs), TrimFinishedTrials()],
-                failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
-                verbose=tune_verbosity(),
-            ),
-        )
+        tuner = build_search_tuner(campaign, target, trainable, searcher, grace, callback)
     rungs = (describe_rungs(grace, b.reduction_factor, b.max_epochs, latest_start) if b.scheduler == "asha"
              else "no early stopping (fifo)")
     print(f"searching {target.label}: {b.num_samples} trials, up to {b.max_epochs} epochs each; {rungs}")
