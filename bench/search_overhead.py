@@ -186,7 +186,6 @@ def read_back(campaign, fp: Path) -> tuple[list[dict], list[float], list[float]]
     from optuna.trial import FixedTrial
 
     from oscqat.config import TrainConfig
-    from search.runner import _base_config
     from search.searcher import TRIAL_ID_ATTR, make_storage
     from search.tracking import TAG, client_for, safe_value
     from spaces import load_space
@@ -194,7 +193,7 @@ def read_back(campaign, fp: Path) -> tuple[list[dict], list[float], list[float]]
     target = campaign.targets[0]
     space = load_space(campaign.space_for(target), target.bits)
     study = optuna.load_study(study_name=campaign.study_name(target), storage=make_storage(campaign.optuna_storage))
-    base = _base_config(campaign, target, str(fp))
+    base = campaign.trial_config(target, {}, str(fp))
     client = client_for(campaign.mlflow.tracking_uri)
     exp = client.get_experiment_by_name(campaign.experiment_name)
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}role` = 'trial'", max_results=1000)

@@ -39,10 +39,4 @@ def __dir__():
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "LSQQuantizer", "METRIC_NAMES", "NonFiniteLossError", "OscillationTracker", "QuantConfig",
-    "QuantizerCollapseError",
-    "QuantConv2d", "QuantLinear", "QuantMixin", "TrainConfig", "Trainer", "create_model", "dampening_loss",
-    "grid_bounds", "layer_bits", "list_models", "lsq_fake_quant", "parse_bits", "quant_layers",
-    "quantize_model", "reestimate_bn", "register_quantized",
-]
+__all__ = sorted(_EXPORTS)  # the lazy-export table is the one list of public names

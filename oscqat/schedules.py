@@ -1,4 +1,8 @@
-"""Cosine schedules for the dampening weight and the freezing threshold (METHOD.md 3-4)."""
+"""Cosine schedules for the dampening weight and the freezing threshold (METHOD.md 3-4).
+
+Named ``*_at(progress)`` so they read apart from the config fields (``dampen_lambda``: the final
+weight) and the per-epoch metrics they feed.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ def _ramp(progress: float, start: float) -> float | None:
     return min(1.0, (progress - start) / max(1.0 - start, 1e-12))
 
 
-def dampen_lambda(progress: float, lambda_end: float, start: float = 0.25) -> float:
+def dampen_lambda_at(progress: float, lambda_end: float, start: float = 0.25) -> float:
     """0 until ``start``, then ``lambda_end * (1 - cos(pi r)) / 2`` with r from 0 to 1."""
     r = _ramp(progress, start)
     return 0.0 if r is None else lambda_end * (1.0 - math.cos(math.pi * r)) / 2.0
 
 
-def freeze_threshold(progress: float, th_start: float, th_end: float, start: float = 0.25) -> float:
+def freeze_threshold_at(progress: float, th_start: float, th_end: float, start: float = 0.25) -> float:
     """0 (no freezing) until ``start``, then cosine from ``th_start`` down to ``th_end``."""
     r = _ramp(progress, start)
     if r is None:

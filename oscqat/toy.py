@@ -27,8 +27,7 @@ import torch
 from oscqat.dampening import dampening_loss
 from oscqat.layers import QuantLinear
 from oscqat.oscillation import OscillationTracker
-from oscqat.schedules import dampen_lambda as dampen_lambda_schedule
-from oscqat.schedules import freeze_threshold as freeze_threshold_schedule
+from oscqat.schedules import dampen_lambda_at, freeze_threshold_at
 
 TOY_METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
 
@@ -149,8 +148,8 @@ def run_toy(
     frozen = np.zeros(steps, dtype=bool)
     for t in range(steps):
         progress = t / steps
-        lam = dampen_lambda_schedule(progress, dampen_lambda, dampen_start) if dampens else 0.0
-        f_th = (freeze_threshold_schedule(progress, freeze_threshold_start, freeze_threshold_end, freeze_start)
+        lam = dampen_lambda_at(progress, dampen_lambda, dampen_start) if dampens else 0.0
+        f_th = (freeze_threshold_at(progress, freeze_threshold_start, freeze_threshold_end, freeze_start)
                 if freezes else 0.0)
         rec["latent"][t] = float(layer.weight.detach())
         x = torch.randn(batch_size, 1, generator=gen)

@@ -29,7 +29,7 @@ from oscqat.models.registry import load_state_into, safe_torch_load
 from oscqat.oscillation import OscillationTracker
 from oscqat.quantize import QuantConfig, quantize_model
 from oscqat.quantizer import SCALE_EPS, LSQQuantizer, collapsed_scales
-from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
+from oscqat.schedules import cosine_lr_factor, dampen_lambda_at, freeze_threshold_at
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Trainer:
     # setup -------------------------------------------------------------------
     def _build_optimizers(self):
         cfg = self.cfg
-        scale_params = [m.scale for m in self.model.modules() if m.__class__.__name__ == "LSQQuantizer"]
+        scale_params = [m.scale for m in self.model.modules() if isinstance(m, LSQQuantizer)]
         scale_ids = {id(p) for p in scale_params}
         decay, no_decay = [], []
         for module in self.model.modules():
@@ -150,8 +150,8 @@ class Trainer:
     def _schedules(self) -> tuple[float, float]:
         cfg = self.cfg
         progress = self.global_step / max(self.total_steps, 1)
-        lam = dampen_lambda(progress, cfg.dampen_lambda, cfg.dampen_start) if cfg.dampens else 0.0
-        f_th = (freeze_threshold(progress, cfg.freeze_threshold_start, cfg.freeze_threshold_end, cfg.freeze_start)
+        lam = dampen_lambda_at(progress, cfg.dampen_lambda, cfg.dampen_start) if cfg.dampens else 0.0
+        f_th = (freeze_threshold_at(progress, cfg.freeze_threshold_start, cfg.freeze_threshold_end, cfg.freeze_start)
                 if cfg.freezes else 0.0)
         return lam, f_th
 

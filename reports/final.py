@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -43,7 +42,16 @@ class FinalRunLogger:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._client = None
-        self._pending: list = []
+        self._writer = None  # search.run_writer.BufferedWriter, made with the run
+
+    @property
+    def writer(self):
+        """The buffered writer of this run's epochs and end (an epoch lost to an outage is retried)."""
+        if self._writer is None:
+            from search.run_writer import BufferedWriter
+
+            self._writer = BufferedWriter(retry_interval_s=0.0)  # an epoch is long: retry at every one
+        return self._writer
 
     @property
     def client(self):
@@ -74,8 +82,7 @@ class FinalRunLogger:
 
     def open_run(self, cfg) -> str | None:
         """Create (or, when resuming in the same --out, reopen) the run; None if MLflow is unreachable."""
-        from mlflow.entities import Param
-
+        from search.run_writer import param_batches
         from search.tracking import TAG, get_or_create_experiment, safe_value
 
         def create():
@@ -92,13 +99,11 @@ class FinalRunLogger:
                     f"{TAG}source_run_id": self.header.get("trial-run", ""),
                     f"{TAG}parent_run_id": self.header.get("parent-run", ""),
                     f"{TAG}arch": cfg.arch, f"{TAG}bits": cfg.bits}
-            name = f"final/{self.source.get('target', cfg.arch + '/' + cfg.bits)}/{self.source.get('trial', '')}"
-            run = self.client.create_run(self.experiment_id, run_name=name,
+            run = self.client.create_run(self.experiment_id, run_name=final_run_name(cfg, self.source.get("trial")),
                                          tags={k: safe_value(k, v) for k, v in tags.items() if v})
             self.run_id = run.info.run_id
-            params = [Param(k, safe_value(k, v)) for k, v in sorted(cfg.model_dump(mode="json").items())]
-            for i in range(0, len(params), 90):
-                self.client.log_batch(self.run_id, params=params[i:i + 90])
+            for batch in param_batches(cfg.model_dump(mode="json")):
+                self.client.log_batch(self.run_id, params=batch)
             if self.out is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self._write_run_file()
@@ -128,25 +133,18 @@ class FinalRunLogger:
         """Per-epoch metrics with step = epoch (the ``run_training`` hook)."""
         if self.run_id is None:
             return
-        from mlflow.entities import Metric
+        from search.run_writer import finite_metrics
 
-        from search.tracking import SCALAR_METRICS
-
-        step, ts = int(metrics["epoch"]), int(time.time() * 1000)
-        batch = [Metric(k, float(metrics[k]), ts, step) for k in SCALAR_METRICS
-                 if isinstance(metrics.get(k), (int, float)) and math.isfinite(float(metrics[k]))]
-        self._pending.append(batch)
-        while self._pending and self._try(f"log epoch {step}", lambda: self.client.log_batch(self.run_id,
-                                                                                              metrics=self._pending[0])):
-            self._pending.pop(0)
+        step = int(metrics["epoch"])
+        batch = finite_metrics(metrics, step)
+        self.writer.write(f"epoch {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def finish(self, status: str, cfg=None, trainer=None) -> str:
         """``TrainHook.finish``: flush, log artifacts (and the model when FINISHED), end the run."""
         if self.run_id is None:
             return ""
-        while self._pending and self._try("log buffered metrics",
-                                          lambda: self.client.log_batch(self.run_id, metrics=self._pending[0])):
-            self._pending.pop(0)
+        if not self.writer.flush(force=True):
+            log.warning("MLflow: %d epoch(s) of the final run could not be logged", len(self.writer.pending))
         if trainer is not None and cfg is not None:
             self._try("log artifacts", lambda: self._log_artifacts(cfg, trainer))
             if status == "FINISHED" and self.out is not None and (self.out / MODEL_FILE).is_file():
@@ -179,16 +177,23 @@ class FinalRunLogger:
     def _log_artifacts(self, cfg, trainer) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+            from search.run_writer import CONFIG_FILE, write_layer_oscillations
+
+            (tmp / CONFIG_FILE).write_text(cfg.to_yaml())
             (tmp / "metrics.json").write_text(json.dumps({"epochs": trainer.history}, indent=2))
             layer_hist = [{"epoch": i + 1, "layers": {k: v["osc_frac"] for k, v in layers.items()}}
                           for i, layers in enumerate(trainer.layer_history)]
-            (tmp / "layer_oscillations.json").write_text(json.dumps(layer_hist))
+            write_layer_oscillations(tmp, layer_hist)
             if layer_hist and layer_hist[-1]["layers"]:
                 from search.plots import layer_oscillation_plot
 
                 layer_oscillation_plot(layer_hist, tmp / "layer_oscillations.png", title="final")
             self.client.log_artifacts(self.run_id, str(tmp))
+
+
+def final_run_name(cfg, trial_id: str | None) -> str:
+    """``final · w3a3 · dampen · f9ba8107``: what a row of the runs table is, in the trial runs' form."""
+    return " · ".join(["final", cfg.bits, cfg.method, *([trial_id] if trial_id else [])])
 
 
 def final_run_hook(config: Path, out: Path) -> FinalRunLogger | None:

@@ -13,7 +13,8 @@ from functools import cached_property
 from pathlib import Path
 
 from search.campaign import Campaign, Target, load_campaign
-from search.runner import CAMPAIGN_FILE, locate_campaign, read_state
+from search.results import rank_complete
+from search.state import CAMPAIGN_FILE, CampaignError, locate_campaign, read_state
 from search import uris
 from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR, make_storage, storage_exists
 from search.uris import redact
@@ -83,8 +84,6 @@ class CampaignStore:
     @classmethod
     def open(cls, name_or_path: str, tracking_uri: str | None = None, optuna_storage: str | None = None,
              storage_path: str = "./ray_results") -> "CampaignStore":
-        from search.runner import CampaignError
-
         try:
             campaign_dir = locate_campaign(name_or_path, storage_path)
         except CampaignError as exc:
@@ -191,10 +190,11 @@ class CampaignStore:
         return counts
 
     def ranked(self, target: Target, method_filter=None) -> list[TrialRecord]:
-        """COMPLETE trials by final val_top1, best first; ties keep search order (as Optuna's best)."""
-        recs = [r for r in self.trials(target) if r.state == "COMPLETE" and r.val_top1 is not None
-                and (method_filter is None or method_filter(r))]
-        return sorted(recs, key=lambda r: -r.val_top1)  # stable: search order breaks ties
+        """COMPLETE trials by final val_top1, best first, by the rule the driver uses (``search.results.rank_complete``)."""
+        recs = [r for r in self.trials(target) if method_filter is None or method_filter(r)]
+        position = {r.trial_id: i for i, r in enumerate(recs)}  # trials() is in search order
+        return rank_complete(recs, state=lambda r: r.state, value=lambda r: r.val_top1,
+                             order=lambda r: position[r.trial_id])
 
     def best(self, target: Target, method_filter=None) -> TrialRecord | None:
         ranked = self.ranked(target, method_filter)

@@ -9,16 +9,15 @@ reported epoch to ``<experiment>/<trial dir>/result.json`` regardless; this repl
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from reports.store import CampaignStore
-from search.tracking import (SCALAR_METRICS, TAG, ensure_parent_run, find_child_runs, get_or_create_experiment,
-                             parse_layer_osc, safe_value, trial_param_values)
-
-_TERMINAL = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+from search.run_writer import (CONFIG_FILE, LAYER_OSC_FILE, RUN_STATUS, end_tags, finite_metrics, metric_batches,
+                               param_batches, trial_run_tags, write_layer_oscillations)
+from search.tracking import (TAG, ensure_parent_run, find_child_runs, get_or_create_experiment, parse_layer_osc,
+                             trial_description, trial_param_values, trial_run_name)
 
 
 @dataclass
@@ -48,21 +47,11 @@ def trial_dirs(exp_path: Path) -> list[Path]:
         if exp_path.is_dir() else []
 
 
-def _trial_config(store: CampaignStore, target, params: dict, fp_path: str | None) -> dict:
-    """What the campaign gave this trial: base + target + sampled params + the shared FP checkpoint."""
-    data = store.campaign.train_config(target, params).model_dump(mode="json")
-    if data.get("data_dir"):
-        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
-    if fp_path:
-        data["pretrained"] = fp_path
-    return data
-
-
 def _trial_state(store: CampaignStore, tdir: Path, results: list[dict], optuna_state: str | None,
                  target_done: bool) -> str | None:
     from search.searcher import trial_state
 
-    if optuna_state in _TERMINAL:
+    if optuna_state in RUN_STATUS:
         return optuna_state
     if optuna_state is None and target_done:
         error = (tdir / "error.txt").is_file() or (tdir / "error.pkl").is_file()
@@ -71,8 +60,6 @@ def _trial_state(store: CampaignStore, tdir: Path, results: list[dict], optuna_s
 
 
 def sync_target(store: CampaignStore, target) -> SyncSummary:
-    from mlflow.entities import Metric, Param
-
     summary = SyncSummary(target.label)
     client = store.client
     tstate = store.state.get("targets", {}).get(target.label, {})
@@ -98,15 +85,12 @@ def sync_target(store: CampaignStore, target) -> SyncSummary:
         params = json.loads((tdir / "params.json").read_text()) if (tdir / "params.json").is_file() else {}
         run = existing.get(tid)
         if run is None:
-            tags = {"mlflow.parentRunId": parent_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
-                    f"{TAG}campaign": store.campaign.name, f"{TAG}target": target.label,
-                    f"{TAG}optuna_study": store.campaign.study_name(target), f"{TAG}synced_from": "ray result.json",
-                    f"{TAG}stage": "search"}
-            run = client.create_run(experiment_id, run_name=tid, tags={k: safe_value(k, v) for k, v in tags.items()})
-            cfg = _trial_config(store, target, params, fp_path)
-            items = [Param(k, safe_value(k, v)) for k, v in sorted(trial_param_values(cfg, params).items())]
-            for i in range(0, len(items), 90):
-                client.log_batch(run.info.run_id, params=items[i:i + 90])
+            tags = trial_run_tags(parent_id, tid, store.campaign.name, target.label, store.campaign.study_name(target),
+                                  synced_from="ray result.json")
+            run = client.create_run(experiment_id, run_name=trial_run_name(target.label, params.get("method"), tid), tags=tags)
+            cfg = store.campaign.trial_config(target, params, fp_path)
+            for batch in param_batches(trial_param_values(cfg, params)):
+                client.log_batch(run.info.run_id, params=batch)
             summary.runs_created += 1
         run_id = run.info.run_id
         logged = {m.step for m in client.get_metric_history(run_id, "val_top1")}
@@ -117,26 +101,28 @@ def sync_target(store: CampaignStore, target) -> SyncSummary:
         for epoch, r in sorted(by_epoch.items()):
             if epoch in logged or epoch <= 0:
                 continue
-            ts = int(float(r.get("timestamp", 0)) * 1000)
-            metrics += [Metric(k, float(r[k]), ts, epoch) for k in SCALAR_METRICS
-                        if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k]))]
+            metrics += finite_metrics(r, epoch, int(float(r.get("timestamp", 0)) * 1000))
             summary.epochs_logged += 1
-        for i in range(0, len(metrics), 900):
-            client.log_batch(run_id, metrics=metrics[i:i + 900])
+        for batch in metric_batches(metrics):
+            client.log_batch(run_id, metrics=batch)
         current = client.get_run(run_id)
         state = _trial_state(store, tdir, list(by_epoch.values()), optuna_states.get(tid), target_done)
         if state is not None and not current.data.tags.get(f"{TAG}state"):
-            client.set_tag(run_id, f"{TAG}state", state)
             reason = next((r["failure_reason"] for r in results if r.get("failure_reason")), None)
-            if reason:
-                client.set_tag(run_id, f"{TAG}failure_reason", safe_value("reason", reason)[:4000])
+            for key, value in end_tags(state, reason).items():
+                client.set_tag(run_id, key, value)
+            epochs = max(by_epoch, default=0)
+            client.update_run(run_id, name=trial_run_name(target.label, params.get("method"), tid, state, epochs))
+            client.set_tag(run_id, "mlflow.note.content", trial_description(
+                state, epochs, store.campaign.budget.max_epochs, by_epoch.get(epochs, {}), reason))
+            client.set_tag(run_id, f"{TAG}epochs", str(epochs))
             summary.states_set += 1
         if state is not None and (not client.list_artifacts(run_id)
                                   or _osc_history_incomplete(client, run_id, by_epoch)):
             _log_artifacts(store, target, run_id, tid, params, fp_path, list(by_epoch.items()))
             summary.artifacts_logged += 1
         if state is not None and current.info.status == "RUNNING":
-            client.set_terminated(run_id, _TERMINAL[state])
+            client.set_terminated(run_id, RUN_STATUS[state])
     if target_done:
         summary.parent_finished = _finish_parent(store, target, parent_id)
     return summary
@@ -144,24 +130,24 @@ def sync_target(store: CampaignStore, target) -> SyncSummary:
 
 def _finish_parent(store: CampaignStore, target, parent_id: str) -> bool:
     """A finished target whose parent run missed its summary (MLflow down at the end): write it."""
-    from search.runner import _summarise_parent
+    from search.results import summarise_parent
 
     parent = store.client.get_run(parent_id)
     if parent.info.status != "RUNNING" and "best_val_top1" in parent.data.metrics:
         return False
     campaign = store.campaign.model_copy(update={"optuna_storage": store.optuna_storage})
-    _summarise_parent(campaign, target, store.client, parent_id, {})
+    summarise_parent(campaign, target, store.client, parent_id, {})
     return store.client.get_run(parent_id).info.status == "FINISHED"
 
 
 def _osc_history_incomplete(client, run_id: str, by_epoch: dict) -> bool:
     """The run's layer_oscillations.json lacks epochs Ray has (the driver kept only post-resume epochs)."""
     want = {e for e, r in by_epoch.items() if r.get("layer_osc")}
-    if not want or "layer_oscillations.json" not in {a.path for a in client.list_artifacts(run_id)}:
+    if not want or LAYER_OSC_FILE not in {a.path for a in client.list_artifacts(run_id)}:
         return bool(want)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, "layer_oscillations.json", tmp)
+            path = client.download_artifacts(run_id, LAYER_OSC_FILE, tmp)
             have = {int(h["epoch"]) for h in json.loads(Path(path).read_text())}
         except (OSError, ValueError, KeyError, TypeError):
             return True
@@ -173,12 +159,12 @@ def _log_artifacts(store, target, run_id: str, tid: str, params: dict, fp_path, 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
-            cfg = TrainConfig.model_validate(_trial_config(store, target, params, fp_path))
-            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+            cfg = TrainConfig.model_validate(store.campaign.trial_config(target, params, fp_path))
+            (tmp / CONFIG_FILE).write_text(cfg.to_yaml())
         except ValueError:  # e.g. the FP checkpoint is gone: the params on the run still say it all
             pass
         history = [{"epoch": e, "layers": parse_layer_osc(r["layer_osc"])} for e, r in sorted(epochs) if r.get("layer_osc")]
-        (tmp / "layer_oscillations.json").write_text(json.dumps(history))  # as the driver logs it
+        write_layer_oscillations(tmp, history)  # as the driver logs it
         store.client.log_artifacts(run_id, str(tmp))
 
 

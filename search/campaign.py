@@ -188,6 +188,17 @@ class Campaign(_Strict):
             data["pretrained"] = target.pretrained
         return validate_config(TrainConfig, data, source=f"campaign {self.name!r} target {target.label}")
 
+    def trial_config(self, target: Target, params: dict | None = None, fp_checkpoint: str | None = None) -> dict:
+        """A trial's config as recorded (parent params, ``train_config.yaml``, ``report sync``):
+        ``train_config`` with a local ``data_dir`` made absolute and ``pretrained`` the FP checkpoint
+        the trial starts from. The trainable gets those weights with it and loads no file itself."""
+        data = self.train_config(target, params or {}).model_dump(mode="json")
+        if data.get("data_dir") and "://" not in str(data["data_dir"]):  # a URI is not a local path
+            data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
+        if fp_checkpoint:
+            data["pretrained"] = fp_checkpoint
+        return data
+
     def confirm_seeds(self) -> list[int]:
         """Fresh seeds for the confirm stage: never the search's own seed."""
         if self.confirm is None:

@@ -76,9 +76,10 @@ def select_candidates(study, space, top_k: int) -> list[Candidate]:
 
     from search.searcher import START_POINT_ATTR, TRIAL_ID_ATTR
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value is not None and t.user_attrs.get(TRIAL_ID_ATTR)]
-    complete.sort(key=lambda t: (-t.value, t.number))
+    from search.results import rank_complete
+
+    complete = rank_complete([t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TRIAL_ID_ATTR)],
+                             state=lambda t: t.state.name, value=lambda t: t.value, order=lambda t: t.number)
     out = []
     for t in complete[:top_k]:
         params = space.sample(optuna.trial.FixedTrial(dict(t.params)))
@@ -130,10 +131,10 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
     import optuna
     from ray import tune
 
-    from search.progress import progress_callbacks, tune_verbosity
     from search.searcher import make_storage
     from search.tracking import MlflowTrialCallback
     from search.trainable import confirm_trial
+    from search.tuners import build_confirm_tuner, with_trial_resources
 
     conf = tstate.get("confirm") or {}
     if not conf.get("candidates"):
@@ -151,9 +152,8 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
     points = {c.trial_id: c.params for c in candidates}
     ranks = {c.trial_id: i + 1 for i, c in enumerate(candidates)}
     exp_path = conf["experiment_path"]
-    fn = tune.with_parameters(confirm_trial, points=points, base_config={**base_config, "pretrained": None},
-                              fp_state=fp_state, checkpoint_interval_s=campaign.checkpoint_interval_s)
-    trainable = tune.with_resources(fn, {"cpu": campaign.resources.cpu, "gpu": campaign.resources.gpu})
+    trainable = with_trial_resources(campaign, confirm_trial, points=points, base_config=base_config,
+                                     fp_state=fp_state)
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming the confirm stage of {target.label} from {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -163,21 +163,10 @@ def run_confirm(campaign, target, space, tstate: dict, save_phase, *, base_confi
         callback = MlflowTrialCallback(campaign.mlflow.tracking_uri, experiment_id, parent_id, campaign.name,
                                        target.label, base_config, campaign.budget.max_epochs,
                                        campaign.study_name(target), stage="confirm", points=points, ranks=ranks)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={CONFIRM_OF: tune.grid_search([c.trial_id for c in candidates]),
-                         "seed": tune.grid_search(list(conf["seeds"]))},
-            tune_config=tune.TuneConfig(metric="val_top1", mode="max", max_concurrent_trials=campaign.max_concurrent_trials,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=exp_path.rsplit("/", 1)[-1], storage_path=campaign.ray_storage_path(),
-                callbacks=[callback, *progress_callbacks(f"{target.label} confirm", len(candidates) * len(conf["seeds"]),
-                                                         campaign.budget.max_epochs)],
-                failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
-                verbose=tune_verbosity(),
-            ),
-        )
+        grid = {CONFIRM_OF: tune.grid_search([c.trial_id for c in candidates]),
+                "seed": tune.grid_search(list(conf["seeds"]))}
+        tuner = build_confirm_tuner(campaign, target, trainable, grid, exp_path.rsplit("/", 1)[-1], callback,
+                                    len(candidates) * len(conf["seeds"]))
     print(f"confirming {target.label}: top {len(candidates)} config(s) x seeds {list(conf['seeds'])}, "
           f"{campaign.budget.max_epochs} epochs each")
     grid = tuner.fit()

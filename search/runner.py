@@ -10,63 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from oscqat.config import ConfigError
 from search.campaign import Campaign, Target, load_campaign
+from search.results import (TargetResult, confirmed_result, summarise_parent,  # noqa: F401 - re-exported
+                            target_result)
+from search.state import (ACTIVE_PHASES, CAMPAIGN_FILE, STATE_FILE, CampaignError,  # noqa: F401 - re-exported
+                          locate_campaign, read_state, write_state)
 from search import uris
 from search.uris import redact
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.json"
-CAMPAIGN_FILE = "campaign.yaml"
-
-
-class CampaignError(RuntimeError):
-    """A campaign cannot start or continue; the message says why and what to do."""
-
-
-@dataclass
-class TargetResult:
-    target: str
-    best_trial_id: str | None
-    best_val_top1: float | None
-    method: str | None
-    params: dict
-    counts: dict
-    confirmed: dict | None = None  # the confirm stage's winner (ConfirmSummary.to_dict()), if any
-    confirm_ties: list | None = None  # configs tied with the confirmed winner on mean selection value
-
-
-# state ---------------------------------------------------------------------------
-def read_state(campaign_dir: Path) -> dict:
-    path = campaign_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"targets": {}}
-
-
-def write_state(campaign_dir: Path, state: dict) -> None:
-    tmp = campaign_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(campaign_dir / STATE_FILE)
-
-
-def locate_campaign(name_or_path: str, storage_path: str = "./ray_results") -> Path:
-    """A campaign directory from its name (under storage_path), its directory, or its YAML file."""
-    p = Path(name_or_path).expanduser()
-    candidates = [p, Path(storage_path).expanduser() / name_or_path]
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        try:
-            camp = load_campaign(p)
-            candidates.insert(0, camp.campaign_dir())
-        except Exception:  # noqa: BLE001 - fall through to the other candidates
-            pass
-    for c in candidates:
-        if (c / CAMPAIGN_FILE).is_file():
-            return c.resolve()
-    raise CampaignError(f"no campaign found for {name_or_path!r} (looked in: {', '.join(str(c) for c in candidates)})")
 
 
 # pre-flight checks ---------------------------------------------------------------
@@ -203,25 +160,11 @@ def _pretrain_fp(cfg_dict: dict) -> tuple[dict, dict]:
         k: history[-1][k] for k in ("val_top1", "test_top1") if history[-1].get(k) is not None}
 
 
-def _base_config(campaign: Campaign, target: Target, fp_path: str) -> dict:
-    """The fixed part of every trial's TrainConfig (validated once here)."""
-    base = dict(campaign.base)
-    if base.get("data_dir") and "://" not in str(base["data_dir"]):  # a URI is not a local path
-        base["data_dir"] = str(Path(base["data_dir"]).expanduser().resolve())
-    cfg = campaign.train_config(target, {}).model_dump(mode="json")
-    cfg.update({k: v for k, v in base.items()})
-    cfg["pretrained"] = fp_path
-    return cfg
-
-
 def _trainable(campaign: Campaign, base_config: dict, fp_state: dict):
-    from ray import tune
-
     from search.trainable import train_trial
+    from search.tuners import with_trial_resources
 
-    fn = tune.with_parameters(train_trial, base_config={**base_config, "pretrained": None}, fp_state=fp_state,
-                              checkpoint_interval_s=campaign.checkpoint_interval_s)
-    return tune.with_resources(fn, {"cpu": campaign.resources.cpu, "gpu": campaign.resources.gpu})
+    return with_trial_resources(campaign, train_trial, base_config=base_config, fp_state=fp_state)
 
 
 # one target ------------------------------------------------------------------------
@@ -239,7 +182,7 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
     exp_path = f"{campaign.ray_storage_path()}/{target.slug}"
     study_name = campaign.study_name(target)
     fp_path, fp_state = _fp_checkpoint(campaign, target, campaign_dir)
-    base_config = _base_config(campaign, target, fp_path)
+    base_config = campaign.trial_config(target, {}, fp_path)  # what every trial shares
     client = client_for(campaign.mlflow.tracking_uri)
     parent_id = ensure_parent_run(client, experiment_id, campaign.name, target, {
         "oscqat.ray_experiment_path": exp_path, "oscqat.optuna_study": study_name,
@@ -265,7 +208,7 @@ def _run_target(campaign: Campaign, target: Target, space, campaign_dir: Path, e
 
         run_confirm(campaign, target, space, tstate, save_phase, base_config=base_config, fp_state=fp_state,
                     experiment_id=experiment_id, parent_id=parent_id, resume=resume)
-    _summarise_parent(campaign, target, client, parent_id, tstate)
+    summarise_parent(campaign, target, client, parent_id, tstate)
     describe_parent(client, experiment_id, parent_id, campaign, target, space,
                     target_result(campaign, target, tstate))
     tstate["status"] = "done"
@@ -278,11 +221,10 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
     from ray import tune
 
     from search import signals
-    from search.progress import progress_callbacks, tune_verbosity
     from search.rungs import check_campaign_rungs, describe_rungs
     from search.searcher import build_searcher, fail_orphaned_trials
     from search.tracking import MlflowTrialCallback
-    from search.trial_memory import TrimFinishedTrials
+    from search.tuners import build_search_tuner
 
     b = campaign.budget
     grace, latest_start = check_campaign_rungs(campaign, {target.label: space})[target.label]
@@ -300,34 +242,9 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
                                   campaign.seed, b.max_epochs, sampler=b.searcher, startup_trials=b.startup_trials(len(points)),
                                   study_attrs={"campaign": campaign.name, "target": target.label,
                                                "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id})
-        if b.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
-                                      grace_period=grace, reduction_factor=b.reduction_factor)
-        else:
-            from ray.tune.schedulers import FIFOScheduler
-
-            scheduler = FIFOScheduler()
         callback = MlflowTrialCallback(campaign.mlflow.tracking_uri, experiment_id, parent_id, campaign.name,
                                        target.label, base_config, b.max_epochs, study_name)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(metric="val_top1", mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=b.num_samples, max_concurrent_trials=campaign.max_concurrent_trials,
-                                        time_budget_s=b.time_budget_s,
-                                        # a new trial reuses a finished trial's worker process: no new
-                                        # process, torch import and data set build per trial
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=target.slug, storage_path=campaign.ray_storage_path(),
-                # the trimmer last: after MLflow read the trial; the compact progress line unless --verbose
-                callbacks=[callback, *progress_callbacks(target.label, b.num_samples, b.max_epochs), TrimFinishedTrials()],
-                failure_config=tune.FailureConfig(max_failures=campaign.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=campaign.checkpoints_to_keep),
-                verbose=tune_verbosity(),
-            ),
-        )
+        tuner = build_search_tuner(campaign, target, trainable, searcher, grace, callback)
     rungs = (describe_rungs(grace, b.reduction_factor, b.max_epochs, latest_start) if b.scheduler == "asha"
              else "no early stopping (fifo)")
     startup = ""
@@ -340,71 +257,6 @@ def _search_target(campaign: Campaign, target: Target, space, trainable, exp_pat
     orphans = fail_orphaned_trials(campaign.optuna_storage, study_name, set())
     if orphans:
         log.warning("%d Optuna trial(s) left RUNNING by a stopped driver were marked FAIL", orphans)
-
-
-def target_result(campaign: Campaign, target: Target, tstate: dict | None = None) -> TargetResult:
-    """Best COMPLETE trial of the target's study, trial counts by state, and (given the target's
-    state) the confirmed winner."""
-    import optuna
-
-    from search.searcher import TRIAL_ID_ATTR, make_storage, storage_exists
-
-    if not storage_exists(campaign.optuna_storage):  # read-only: never create the database
-        return TargetResult(target.label, None, None, None, {}, {})
-    try:
-        study = optuna.load_study(study_name=campaign.study_name(target), storage=make_storage(campaign.optuna_storage))
-    except KeyError:
-        return TargetResult(target.label, None, None, None, {}, {})
-    trials = study.get_trials(deepcopy=False)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
-    if not complete:
-        return TargetResult(target.label, None, None, None, {}, counts)
-    best = max(complete, key=lambda t: t.value)  # ties: the first in search order
-    confirmed, ties = confirmed_result(tstate or {})
-    return TargetResult(target.label, best.user_attrs.get(TRIAL_ID_ATTR), best.value, best.params.get("method"),
-                        dict(best.params), counts, confirmed, ties)
-
-
-def confirmed_result(tstate: dict) -> tuple[dict | None, list]:
-    """The confirmed winner recorded in a target's state (and the configs tied with it)."""
-    from search.confirm import ConfirmSummary, winner
-
-    rows = (tstate.get("confirm") or {}).get("summary") or []
-    summaries = []
-    for row in rows:
-        summ = ConfirmSummary(row["trial_id"], int(row.get("search_rank", 0)))
-        summ.val = {int(k): v for k, v in (row.get("val") or {}).items()}
-        summ.test = {int(k): v for k, v in (row.get("test") or {}).items()}
-        summaries.append(summ)
-    best, ties = winner(summaries)
-    return (best.to_dict() if best else None), ties
-
-
-def _summarise_parent(campaign: Campaign, target: Target, client, parent_id: str, tstate: dict) -> None:
-    res = target_result(campaign, target, tstate)
-    try:
-        if res.confirmed is not None:
-            c = res.confirmed
-            client.set_tag(parent_id, "oscqat.confirmed_trial_id", c["trial_id"])
-            client.set_tag(parent_id, "oscqat.confirm_seeds", json.dumps(c["seeds"]))
-            if res.confirm_ties:
-                client.set_tag(parent_id, "oscqat.confirm_ties", json.dumps(res.confirm_ties))
-            for key in ("val_top1_mean", "val_top1_std", "test_top1_mean", "test_top1_std"):
-                if c.get(key) is not None:
-                    client.log_metric(parent_id, f"confirmed_{key}", c[key])
-        if res.best_val_top1 is not None:
-            client.log_metric(parent_id, "best_val_top1", res.best_val_top1)
-            client.set_tag(parent_id, "oscqat.best_trial_id", res.best_trial_id or "")
-            client.set_tag(parent_id, "oscqat.best_method", res.method or "")
-            client.set_tag(parent_id, "oscqat.best_params", json.dumps(res.params, sort_keys=True)[:4000])
-        for state_name, n in res.counts.items():
-            client.log_metric(parent_id, f"trials_{state_name.lower()}", n)
-        client.set_terminated(parent_id, "FINISHED")
-    except Exception as exc:  # noqa: BLE001
-        log.warning("could not write the summary of %s to MLflow: %s", target.label, redact(str(exc)).splitlines()[0][:300])
 
 
 # campaigns ---------------------------------------------------------------------------
@@ -623,7 +475,6 @@ def _run_targets(campaign, spaces, campaign_dir, experiment_id, state, address, 
 
 
 INTERRUPTED_TAG = "oscqat.interrupted"
-ACTIVE_PHASES = ("running", "searched", "confirming")  # a target in one of these resumes where it was
 
 
 def _mark_interrupted(campaign: Campaign, campaign_dir: Path, state: dict, exc: BaseException) -> None:

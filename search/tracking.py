@@ -232,11 +232,10 @@ def ensure_parent_run(client, experiment_id: str, campaign: str, target, tags: d
     run = client.create_run(experiment_id, run_name=parent_run_name(campaign, target),
                             tags={k: safe_value(k, v) for k, v in all_tags.items()})
     if base_params:
-        from mlflow.entities import Param
+        from search.run_writer import param_batches
 
-        items = [Param(k, safe_value(k, v)) for k, v in sorted(base_params.items())]
-        for i in range(0, len(items), 90):
-            client.log_batch(run.info.run_id, params=items[i:i + 90])
+        for batch in param_batches(base_params):
+            client.log_batch(run.info.run_id, params=batch)
     try:
         write_trials_view(client, experiment_id)
     except Exception as exc:  # noqa: BLE001 - a view is a convenience, never a reason to stop

@@ -19,6 +19,7 @@ from ray import tune
 
 from oscqat.config import TrainConfig
 from oscqat.trainer import NonFiniteLossError, QuantizerCollapseError, Trainer
+from search import faults
 
 CHECKPOINT_FILE = "trainer.pt"
 
@@ -51,8 +52,9 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
     # Tune logs "Checkpoint successfully created at: <path>" at INFO for every epoch; Ray forwards
     # it to the driver's terminal, where it buries the progress line
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # the FP weights came with the task (``fp_state``): a cluster node need not have the recorded path
     cfg = TrainConfig.model_validate({**base_config, **params, "pretrained": None})
-    fault = os.environ.get("OSCQAT_FAULT_INJECT")  # test hook, see _maybe_inject_fault
+    fault = faults.spec()  # test hook (search/faults.py); None in normal use
     trainer = Trainer(cfg, pretrained_state=fp_state)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -61,7 +63,7 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
             trainer.load_state_dict(state)
     last_checkpoint = time.monotonic()
     while not trainer.done:
-        _maybe_inject_fault(fault, trainer.epoch + 1, checkpoint is not None, cfg, trainer, before=True)
+        faults.maybe_inject(fault, trainer.epoch + 1, checkpoint is not None, cfg, trainer, before=True)
         try:
             metrics = trainer.run_epoch()
         except (NonFiniteLossError, QuantizerCollapseError) as exc:
@@ -71,7 +73,7 @@ def train_trial(params: dict, *, base_config: dict, fp_state: dict | None = None
             tune.report({**last, "epoch": trainer.epoch, "val_top1": 0.0, "failure_reason": str(exc),
                          "max_epochs": cfg.epochs})
             return
-        _maybe_inject_fault(fault, trainer.epoch, checkpoint is not None, cfg)
+        faults.maybe_inject(fault, trainer.epoch, checkpoint is not None, cfg)
         # A JSON string, not a dict: Tune keeps running statistics for every numeric leaf of a
         # result in the driver, which for per-layer values grew the driver by ~100 KB a trial.
         layer_osc = json.dumps({name: round(v["osc_frac"], 6) for name, v in trainer.layer_history[-1].items()})
@@ -92,41 +94,3 @@ def confirm_trial(config: dict, *, points: dict, **kwargs) -> None:
     from search.confirm import CONFIRM_OF
 
     train_trial({**points[config[CONFIRM_OF]], "seed": int(config["seed"])}, **kwargs)
-
-
-def _maybe_inject_fault(spec: str | None, epoch: int, restored: bool, cfg: TrainConfig | None = None,
-                        trainer: Trainer | None = None, before: bool = False) -> None:
-    """Fault injection for the reliability tests; active only when OSCQAT_FAULT_INJECT is set,
-    and only on a trial's first (non-restored) attempt.
-
-    ``spec`` is a comma-separated list of ``KIND@EPOCH[:FIELD=VALUE]``: ``raise`` (an exception once
-    epoch EPOCH has trained, before it is reported), ``kill`` (SIGKILL of the trial process at the
-    same point), ``nan`` (NaN written into the model's weights before epoch EPOCH, so that epoch's
-    loss is non-finite). ``FIELD=VALUE`` limits a fault to trials whose TrainConfig field has that
-    value, e.g. ``raise@2:method=lsq,nan@2:method=freeze``. ``sleep@*`` (with
-    ``OSCQAT_FAULT_SLEEP_S``) paces every epoch, restored attempts included, so a test can stop a
-    campaign while work certainly remains.
-    """
-    if not spec:
-        return
-    pace = os.environ.get("OSCQAT_FAULT_SLEEP_S")
-    if pace and not before and any(i.strip() == "sleep@*" for i in spec.split(",")):
-        time.sleep(float(pace))  # pacing, not a fault: every epoch, restored attempts too
-    if restored:
-        return
-    for item in spec.split(","):
-        kind, _, rest = item.strip().partition("@")
-        at, _, cond = rest.partition(":")
-        if at.strip() != str(epoch) or (kind == "nan") != before:
-            continue
-        if cond:
-            key, _, want = cond.partition("=")
-            if cfg is None or str(getattr(cfg, key.strip(), None)) != want.strip():
-                continue
-        if kind == "raise":
-            raise RuntimeError(f"injected fault at epoch {epoch}")
-        if kind == "kill":
-            os.kill(os.getpid(), 9)
-        if kind == "nan" and trainer is not None:
-            with torch.no_grad():
-                next(trainer.model.parameters()).fill_(float("nan"))

@@ -5,18 +5,16 @@ Kept apart from ``search.tracking`` because it imports Ray Tune.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import tempfile
-import time
-from collections import deque
 from pathlib import Path
 
 from ray.tune import Callback
 
-from search.tracking import (SCALAR_METRICS, TAG, client_for, complete_osc_history, find_child_runs, parse_layer_osc,
-                             safe_value, trial_description, trial_param_values, trial_run_name)
+from search.run_writer import (CONFIG_FILE, RUN_STATUS, BufferedWriter, end_tags, finite_metrics, param_batches,
+                               trial_run_tags, write_layer_oscillations)
+from search.tracking import (TAG, client_for, complete_osc_history, find_child_runs, parse_layer_osc,
+                             trial_description, trial_param_values, trial_run_name)
 
 log = logging.getLogger("search.tracking")
 
@@ -48,16 +46,14 @@ class MlflowTrialCallback(Callback):
         self._logged_epoch: dict[str, int] = {}
         self._layer_osc: dict[str, list[dict]] = {}
         self._retries: dict[str, int] = {}
-        self._pending: deque = deque()  # (description, fn) of writes that failed
+        self.writer = BufferedWriter()  # every MLflow write goes through it (buffered, retried)
         self._loaded_existing = False
-        self._flushing = False  # a write that creates a run queues more writes: no re-entry
-        self._retry_at = 0.0  # after a failed write, wait before trying the server again
         self._param_keys: dict[str, set[str]] = {}  # trial id -> params its run had when the driver (re)started
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "_pending", "_loaded_existing",
-                    "_flushing", "_retry_at", "_param_keys"):
+        for key in ("_client", "_runs", "_logged_epoch", "_layer_osc", "_retries", "writer", "_loaded_existing",
+                    "_param_keys"):
             state.pop(key, None)
         return state
 
@@ -74,39 +70,10 @@ class MlflowTrialCallback(Callback):
         return self._client
 
     def _write(self, description: str, fn) -> None:
-        """Run a write now if the server answers; else buffer it (order kept) for later."""
-        self._pending.append((description, fn))
-        self.flush()
-
-    RETRY_INTERVAL_S = 5.0
+        self.writer.write(description, fn)
 
     def flush(self, attempts: int = 1, wait_s: float = 0.0, force: bool = False) -> bool:
-        if self._flushing:
-            return False
-        if self._pending and not force and time.monotonic() < self._retry_at:
-            return False  # the server failed moments ago: keep buffering, do not stall the driver
-        self._flushing = True
-        try:
-            for attempt in range(attempts):
-                if force:
-                    self._retry_at = 0.0
-                while self._pending:
-                    description, fn = self._pending[0]
-                    try:
-                        fn()
-                    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-                        self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
-                        log.warning("MLflow write %s failed (%s); %d write(s) buffered", description,
-                                    exc.__class__.__name__, len(self._pending))
-                        break
-                    self._pending.popleft()
-                if not self._pending:
-                    return True
-                if attempt + 1 < attempts:
-                    time.sleep(wait_s)
-            return not self._pending
-        finally:
-            self._flushing = False
+        return self.writer.flush(attempts, wait_s, force)
 
     def _load_existing(self) -> None:
         if self._loaded_existing:
@@ -122,31 +89,28 @@ class MlflowTrialCallback(Callback):
         tid = trial.trial_id
         if tid in self._runs:
             return self._known_run(trial)
-        if time.monotonic() < self._retry_at:
+        if self.writer.backing_off():
             return None  # the server failed moments ago: do not stall the driver on it again
         try:
             self._load_existing()
         except Exception as exc:  # noqa: BLE001
-            self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
-            log.warning("MLflow unreachable while looking up runs: %s", exc.__class__.__name__)
+            self.writer.failed("lookup of existing runs", exc)
             return None
         if tid in self._runs:
             return self._known_run(trial)
-        tags = {"mlflow.parentRunId": self.parent_run_id, f"{TAG}role": "trial", f"{TAG}trial_id": tid,
-                f"{TAG}campaign": self.campaign, f"{TAG}target": self.target_label,
-                f"{TAG}optuna_study": self.study_name, f"{TAG}stage": self.stage}
+        extra = {}
         if self.stage == "confirm":
             from search.confirm import CONFIRM_OF
 
             source = trial.config.get(CONFIRM_OF)
-            tags.update({f"{TAG}{CONFIRM_OF}": source, f"{TAG}confirm_rank": self.ranks.get(source, 0),
-                         f"{TAG}confirm_seed": trial.config.get("seed")})
+            extra = {CONFIRM_OF: source, "confirm_rank": self.ranks.get(source, 0),
+                     "confirm_seed": trial.config.get("seed")}
+        tags = trial_run_tags(self.parent_run_id, tid, self.campaign, self.target_label, self.study_name,
+                              self.stage, **extra)
         try:
-            run = self.client.create_run(self.experiment_id, run_name=self._run_name(trial),
-                                         tags={k: safe_value(k, v) for k, v in tags.items()})
+            run = self.client.create_run(self.experiment_id, run_name=self._run_name(trial), tags=tags)
         except Exception as exc:  # noqa: BLE001
-            self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
-            log.warning("could not create MLflow run for %s: %s", tid, exc.__class__.__name__)
+            self.writer.failed(f"creation of the run of {tid}", exc)
             return None
         run_id = run.info.run_id
         self._runs[tid] = run_id
@@ -163,14 +127,10 @@ class MlflowTrialCallback(Callback):
         return self._runs[trial.trial_id]
 
     def _log_params(self, trial, run_id: str, skip: set[str] = frozenset()) -> None:
-        from mlflow.entities import Param
-
         # what the search chose (active params only) and what the trial is; the fixed rest of the
         # config is on the parent run and in this run's train_config.yaml
         params = trial_param_values(self.base_config, self.trial_params(trial))
-        items = [Param(k, safe_value(k, v)) for k, v in sorted(params.items()) if k not in skip]
-        for i in range(0, len(items), 90):
-            chunk = items[i:i + 90]
+        for chunk in param_batches(params, skip):
             self._write(f"params of {trial.trial_id}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
 
     def trial_params(self, trial) -> dict:
@@ -216,11 +176,7 @@ class MlflowTrialCallback(Callback):
             hist[:] = [h for h in hist if h["epoch"] < epoch] + [{"epoch": epoch, "layers": parse_layer_osc(result["layer_osc"])}]
         if epoch <= self._logged_epoch.get(tid, 0):
             return  # already logged (or buffered), e.g. before a driver restart: no duplicates
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), ts, epoch) for k in SCALAR_METRICS
-                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
+        metrics = finite_metrics(result, epoch)
         self._logged_epoch[tid] = epoch
         self._write(f"metrics of {tid} epoch {epoch}",
                     lambda: self.client.log_batch(self._run_for(trial), metrics=metrics))
@@ -246,12 +202,9 @@ class MlflowTrialCallback(Callback):
     def _finish(self, trial, state: str, reason: str | None) -> None:
         self._ensure_run(trial)
         tid = trial.trial_id
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
         run = lambda: self._run_for(trial)  # noqa: E731 - resolved when the write goes out
-        self._write(f"state of {tid}", lambda: self.client.set_tag(run(), f"{TAG}state", state))
-        if reason:
-            self._write(f"failure reason of {tid}",
-                        lambda: self.client.set_tag(run(), f"{TAG}failure_reason", safe_value("reason", reason)[:4000]))
+        for key, value in end_tags(state, reason).items():
+            self._write(f"{key} of {tid}", lambda key=key, value=value: self.client.set_tag(run(), key, value))
         result = trial.last_result or {}
         epochs = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
         name = self._run_name(trial, state, epochs)
@@ -260,21 +213,20 @@ class MlflowTrialCallback(Callback):
         self._write(f"description of {tid}", lambda: self.client.set_tag(run(), "mlflow.note.content", note))
         self._write(f"epochs of {tid}", lambda: self.client.set_tag(run(), f"{TAG}epochs", str(epochs)))
         self._write(f"artifacts of {tid}", lambda: self._log_artifacts(run(), trial))
-        self._write(f"status of {tid}", lambda: self.client.set_terminated(run(), status))
+        self._write(f"status of {tid}", lambda: self.client.set_terminated(run(), RUN_STATUS[state]))
 
     def _log_artifacts(self, run_id: str, trial) -> None:
         from oscqat.config import TrainConfig
 
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig.model_validate({**self.base_config, **self.trial_params(trial)})
-            (Path(tmp) / "train_config.yaml").write_text(cfg.to_yaml())
-            history = complete_osc_history(trial, self._layer_osc.get(trial.trial_id, []))
+            (Path(tmp) / CONFIG_FILE).write_text(cfg.to_yaml())
             # The heatmap is drawn on demand by `oscqat report plot` (it cost the driver ~0.3 s
             # of CPU per trial, 90% of this callback); the data behind it is logged here.
-            (Path(tmp) / "layer_oscillations.json").write_text(json.dumps(history))
+            write_layer_oscillations(Path(tmp), complete_osc_history(trial, self._layer_osc.get(trial.trial_id, [])))
             self.client.log_artifacts(run_id, tmp)
         self._layer_osc.pop(trial.trial_id, None)  # delivered: free the driver's copy
 
     def on_experiment_end(self, trials, **info):
         if not self.flush(attempts=10, wait_s=3.0, force=True):
-            log.error("%d MLflow write(s) could not be delivered; run `oscqat report sync` later", len(self._pending))
+            log.error("%d MLflow write(s) could not be delivered; run `oscqat report sync` later", len(self.writer.pending))

@@ -12,7 +12,7 @@ from torch import nn
 from oscqat import (OscillationTracker, QuantConfig, QuantConv2d, QuantLinear, create_model, dampening_loss,
                     quant_layers, quantize_model, reestimate_bn)
 from oscqat.dampening import layer_dampening_loss
-from oscqat.schedules import cosine_lr_factor, dampen_lambda, freeze_threshold
+from oscqat.schedules import cosine_lr_factor, dampen_lambda_at, freeze_threshold_at
 
 
 def _set_scale(layer, scale: float) -> None:
@@ -475,25 +475,25 @@ def test_fused_dampening_matches_the_unfused_formula(per_channel, aggregation):
 
 # ----------------------------------------------------------------------------- schedules
 def test_dampen_lambda_cosine_ramp():
-    assert dampen_lambda(0.0, 0.1) == 0.0
-    assert dampen_lambda(0.2499, 0.1) == 0.0
-    assert dampen_lambda(0.25, 0.1) == pytest.approx(0.0)
-    assert dampen_lambda(0.625, 0.1) == pytest.approx(0.05)  # half way through the ramp
-    assert dampen_lambda(1.0, 0.1) == pytest.approx(0.1)
+    assert dampen_lambda_at(0.0, 0.1) == 0.0
+    assert dampen_lambda_at(0.2499, 0.1) == 0.0
+    assert dampen_lambda_at(0.25, 0.1) == pytest.approx(0.0)
+    assert dampen_lambda_at(0.625, 0.1) == pytest.approx(0.05)  # half way through the ramp
+    assert dampen_lambda_at(1.0, 0.1) == pytest.approx(0.1)
     r = 0.3
-    assert dampen_lambda(0.25 + 0.75 * r, 0.1) == pytest.approx(0.1 * (1 - math.cos(math.pi * r)) / 2)
-    assert dampen_lambda(0.5, 2.0, start=0.0) == pytest.approx(1.0)
-    values = [dampen_lambda(p / 100, 0.1) for p in range(101)]
+    assert dampen_lambda_at(0.25 + 0.75 * r, 0.1) == pytest.approx(0.1 * (1 - math.cos(math.pi * r)) / 2)
+    assert dampen_lambda_at(0.5, 2.0, start=0.0) == pytest.approx(1.0)
+    values = [dampen_lambda_at(p / 100, 0.1) for p in range(101)]
     assert all(b >= a for a, b in zip(values, values[1:]))
 
 
 def test_freeze_threshold_cosine_ramp():
-    assert freeze_threshold(0.1, 0.1, 0.01) == 0.0  # no freezing before the start
-    assert freeze_threshold(0.25, 0.1, 0.01) == pytest.approx(0.1)
-    assert freeze_threshold(0.625, 0.1, 0.01) == pytest.approx(0.055)
-    assert freeze_threshold(1.0, 0.1, 0.01) == pytest.approx(0.01)
-    assert freeze_threshold(0.5, 0.2, 0.02, start=0.5) == pytest.approx(0.2)
-    values = [freeze_threshold(p / 100, 0.1, 0.01) for p in range(25, 101)]
+    assert freeze_threshold_at(0.1, 0.1, 0.01) == 0.0  # no freezing before the start
+    assert freeze_threshold_at(0.25, 0.1, 0.01) == pytest.approx(0.1)
+    assert freeze_threshold_at(0.625, 0.1, 0.01) == pytest.approx(0.055)
+    assert freeze_threshold_at(1.0, 0.1, 0.01) == pytest.approx(0.01)
+    assert freeze_threshold_at(0.5, 0.2, 0.02, start=0.5) == pytest.approx(0.2)
+    values = [freeze_threshold_at(p / 100, 0.1, 0.01) for p in range(25, 101)]
     assert all(b <= a for a, b in zip(values, values[1:]))
 
 

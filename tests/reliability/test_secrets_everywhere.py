@@ -86,17 +86,17 @@ class _DownClient:
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_summarise_parent_log_hides_the_secret(form, tmp_path, monkeypatch, caplog):
-    """runner._summarise_parent logged the raw exception (password included) when MLflow was down."""
-    from search import runner
+    """results.summarise_parent logged the raw exception (password included) when MLflow was down."""
+    from search import results
     from search.campaign import Campaign
 
     monkeypatch.chdir(tmp_path)
     camp = Campaign.model_validate({"name": "c", "targets": [{"arch": "demo_net", "bits": "w4a4"}],
                                     "optuna_storage": f"sqlite:///{tmp_path / 'o.db'}"})
-    monkeypatch.setattr(runner, "target_result",
-                        lambda c, t, *_: runner.TargetResult(t.label, "t1", 0.5, "lsq", {}, {"COMPLETE": 1}))
+    monkeypatch.setattr(results, "target_result",
+                        lambda c, t, *_: results.TargetResult(t.label, "t1", 0.5, "lsq", {}, {"COMPLETE": 1}))
     with caplog.at_level(logging.WARNING):
-        runner._summarise_parent(camp, camp.targets[0], _DownClient(FORMS[form][0]), "pid", {})
+        results.summarise_parent(camp, camp.targets[0], _DownClient(FORMS[form][0]), "pid", {})
     assert "could not write the summary" in caplog.text and CANARY not in caplog.text
 
 

@@ -78,7 +78,7 @@ def callback():
     base = TrainConfig(arch="demo_net", bits="w4a4", epochs=3, device="cpu").model_dump(mode="json")
     cb = MlflowTrialCallback("http://127.0.0.1:1", "1", "parent", "camp", "demo_net/w4a4", base, 3, "camp.study")
     cb._client = FakeClient()
-    cb.RETRY_INTERVAL_S = 0.0  # retry on every event (the back-off is tested separately)
+    cb.writer.retry_interval_s = 0.0  # retry on every event (the back-off is tested separately)
     return cb
 
 
@@ -92,17 +92,18 @@ def test_outage_from_the_first_event_loses_nothing(callback):
     cb.on_trial_result(0, [], t, _result(1))
     cb.on_trial_recover(0, [], t)
     cb.on_trial_result(0, [], t, _result(2))
-    assert client.runs == {} and len(cb._pending) == 3
+    assert client.runs == {} and len(cb.writer.pending) == 3
     client.down = False
     t.last_result = _result(3)
     cb.on_trial_result(0, [], t, _result(3))
     cb.on_trial_complete(0, [], t)
-    assert cb.flush(force=True) and not cb._pending
+    assert cb.flush(force=True) and not cb.writer.pending
     (run,) = client.runs.values()
     assert sorted(s for k, s in run["metrics"] if k == "val_top1") == [1, 2, 3]
     assert run["tags"]["oscqat.retries"] == "1" and run["tags"]["oscqat.state"] == "COMPLETE"
     assert run["tags"]["oscqat.trial_id"] == "t1" and run["tags"]["mlflow.parentRunId"] == "parent"
     assert run["params"]["method"] == "lsq" and run["status"] == "FINISHED" and run["artifacts"] == 1
+    assert "oscqat.pruned" not in run["tags"]
 
 
 def test_outage_mid_trial_and_duplicate_reports(callback):
@@ -123,10 +124,10 @@ def test_outage_mid_trial_and_duplicate_reports(callback):
 
 
 def test_down_server_is_not_retried_on_every_event(callback):
-    """After a failure the callback waits RETRY_INTERVAL_S before calling the server again, so a
+    """After a failure the callback waits retry_interval_s before calling the server again, so a
     dead server does not cost MLflow's HTTP timeout on every result the driver processes."""
     cb, client = callback, callback._client
-    cb.RETRY_INTERVAL_S = 3600.0
+    cb.writer.retry_interval_s = 3600.0
     t = _trial("t3")
     cb.on_trial_start(0, [], t)
     client.down = True
@@ -135,7 +136,7 @@ def test_down_server_is_not_retried_on_every_event(callback):
     for epoch in (2, 3):
         cb.on_trial_result(0, [], t, _result(epoch))
     assert client.calls == calls, "no server calls while backing off"
-    assert len(cb._pending) == 3
+    assert len(cb.writer.pending) == 3
     client.down = False
     assert cb.flush(force=True)  # the end of the experiment forces a flush
     (run,) = client.runs.values()
@@ -147,7 +148,7 @@ def test_undeliverable_writes_point_to_report_sync(callback, caplog):
     t = _trial("t4")
     client.down = True
     cb.on_trial_result(0, [], t, _result(1))
-    import search.trial_callback as tracking
+    import search.run_writer as tracking
 
     orig = tracking.time.sleep
     tracking.time.sleep = lambda s: None
@@ -155,7 +156,7 @@ def test_undeliverable_writes_point_to_report_sync(callback, caplog):
         cb.on_experiment_end([])
     finally:
         tracking.time.sleep = orig
-    assert "oscqat report sync" in caplog.text and len(cb._pending) == 1
+    assert "oscqat report sync" in caplog.text and len(cb.writer.pending) == 1
 
 
 def test_http_client_fails_fast(monkeypatch):
@@ -173,3 +174,16 @@ def test_http_client_fails_fast(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+
+def test_pruned_trial_is_not_shown_as_failed_or_killed(callback):
+    """ASHA's stop is no failure: the run ends FINISHED, tagged pruned, named and described so."""
+    cb, client = callback, callback._client
+    t = _trial("t5", _result(1))
+    cb.on_trial_start(0, [], t)
+    cb.on_trial_result(0, [], t, _result(1))
+    cb.on_trial_complete(0, [], t)  # 1 of 3 epochs, no failure: pruned
+    (run,) = client.runs.values()
+    assert run["status"] == "FINISHED" and run["tags"]["oscqat.state"] == "PRUNED"
+    assert run["tags"]["oscqat.pruned"] == "true" and run["name"].endswith("· pruned at epoch 1")
+    assert "ASHA stopped this trial after epoch 1 of 3" in run["tags"]["mlflow.note.content"]

@@ -46,7 +46,8 @@ SPACE_PARAMS = {
 }
 TINY_BASE = {"bn_reestimate_batches": 2, "batch_size": 128}
 PER_EPOCH_METRICS = ("val_top1", "train_loss", "val_loss", "lr", "osc_frac")
-MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# a pruned trial is no failure: FINISHED, told apart by oscqat.pruned (KILLED: stopped by a person)
+MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 
 
 # campaign files ----------------------------------------------------------------------------
@@ -295,6 +296,7 @@ def check_records(tracking_uri: str, experiment: str, optuna_url: str, campaign:
             assert tags.get("oscqat.target") == label and tags.get("oscqat.campaign") == campaign
             assert tags.get("oscqat.state") == state, f"{label}/{tid}: MLflow state {tags.get('oscqat.state')} vs Optuna {state}"
             assert run.info.status == MLFLOW_STATUS[state], f"{label}/{tid}: status {run.info.status} for {state}"
+            assert (tags.get("oscqat.pruned") == "true") == (state == "PRUNED"), f"{label}/{tid}: pruned tag vs {state}"
             # params: the sampled ones as Optuna has them and what the trial is (arch, bits, epochs); the
             # fixed rest of the config is on the parent run (and in train_config.yaml)
             params = run.data.params

@@ -50,7 +50,9 @@ def test_search_run_end_to_end(tmp_path, ray_tmp):
     assert len(collapse) == 1
     assert rec.trials[collapse[0]].state.name == "PRUNED", rec.trials[collapse[0]]
     assert rec.epochs(collapse[0]) == 1
-    assert rec.children[collapse[0]].info.status == "KILLED"
+    pruned_run = rec.children[collapse[0]]  # not red "Killed" in the UI: FINISHED, tagged and named pruned
+    assert pruned_run.info.status == "FINISHED" and pruned_run.data.tags["oscqat.pruned"] == "true"
+    assert pruned_run.info.run_name.endswith("· pruned at epoch 1"), pruned_run.info.run_name
     good = [tid for tid, t in rec.trials.items() if t.user_attrs.get("starting_point") == "good-lsq"]
     assert rec.trials[good[0]].state.name == "COMPLETE"  # the good point trained its full budget
 

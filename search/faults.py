@@ -1,0 +1,58 @@
+"""Fault injection for the reliability tests, kept out of the trainable.
+
+Inactive unless ``OSCQAT_FAULT_INJECT`` is set in the trial process (tests/reliability set it);
+the trainable calls ``maybe_inject`` before and after each epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+ENV_VAR = "OSCQAT_FAULT_INJECT"
+SLEEP_ENV_VAR = "OSCQAT_FAULT_SLEEP_S"
+
+
+def spec() -> str | None:
+    """The fault spec of this process (read once per trial), None when no test asked for faults."""
+    return os.environ.get(ENV_VAR) or None
+
+
+def maybe_inject(spec: str | None, epoch: int, restored: bool, cfg=None, trainer=None,
+                 before: bool = False) -> None:
+    """Fault injection for the reliability tests; active only when OSCQAT_FAULT_INJECT is set,
+    and only on a trial's first (non-restored) attempt.
+
+    ``spec`` is a comma-separated list of ``KIND@EPOCH[:FIELD=VALUE]``: ``raise`` (an exception once
+    epoch EPOCH has trained, before it is reported), ``kill`` (SIGKILL of the trial process at the
+    same point), ``nan`` (NaN written into the model's weights before epoch EPOCH, so that epoch's
+    loss is non-finite). ``FIELD=VALUE`` limits a fault to trials whose TrainConfig field has that
+    value, e.g. ``raise@2:method=lsq,nan@2:method=freeze``. ``sleep@*`` (with
+    ``OSCQAT_FAULT_SLEEP_S``) paces every epoch, restored attempts included, so a test can stop a
+    campaign while work certainly remains.
+    """
+    if not spec:
+        return
+    pace = os.environ.get(SLEEP_ENV_VAR)
+    if pace and not before and any(i.strip() == "sleep@*" for i in spec.split(",")):
+        time.sleep(float(pace))  # pacing, not a fault: every epoch, restored attempts too
+    if restored:
+        return
+    for item in spec.split(","):
+        kind, _, rest = item.strip().partition("@")
+        at, _, cond = rest.partition(":")
+        if at.strip() != str(epoch) or (kind == "nan") != before:
+            continue
+        if cond:
+            key, _, want = cond.partition("=")
+            if cfg is None or str(getattr(cfg, key.strip(), None)) != want.strip():
+                continue
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at epoch {epoch}")
+        if kind == "kill":
+            os.kill(os.getpid(), 9)
+        if kind == "nan" and trainer is not None:
+            import torch
+
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
