@@ -23,7 +23,10 @@ from searchtest_utils import (campaign_dict, check_records, free_port, kill_sess
 NAME = "cluster"
 MAX_EPOCHS = 2
 NUM_SAMPLES = 3  # good-lsq and good-dampen side by side (one per node), then collapse (pruned)
-FAULT = "nan@2:method=dampen"  # good-dampen's 2nd epoch diverges: a FAIL trial (reported once, not retried)
+# good-dampen's 2nd epoch diverges: a FAIL trial (reported once, not retried); the first two trials
+# meet before their first epoch (search/faults.py barrier), so they certainly run at the same time,
+# which on two 1-CPU nodes means one on each: placement no longer depends on actor start-up timing
+FAULT = "nan@2:method=dampen,barrier@1"
 OBJECT_STORE = 100 * 1024 * 1024
 
 
@@ -80,6 +83,7 @@ def two_node_cluster(ray_tmp, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "0")  # the runner sets it; restore it afterwards
     monkeypatch.setenv("OSCQAT_FAULT_INJECT", FAULT)  # the nodes' workers inherit it
+    monkeypatch.setenv("OSCQAT_FAULT_BARRIER", f"{ray_tmp / 'barrier'}:2")
     import ray
     from ray.cluster_utils import Cluster
 
