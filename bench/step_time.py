@@ -5,7 +5,11 @@ after warm-up. Each ratio is the median over rounds of the per-round ratio, so t
 a ratio are always measured seconds apart and host noise (which swings single steps by +-20% on
 a shared VM) cancels; the ratio of the medians is reported alongside.
 
-    python bench/step_time.py [--json FILE] [--rounds 15] [--threads 2]
+With ``--compile`` it adds the same step with forward and backward through torch.compile
+(``TrainConfig.compile``: ``oscqat.compiled.CompiledForward``) for fp32, lsq and full; the
+compilation happens in the warm-up and is reported (``compile_s``), not timed.
+
+    python bench/step_time.py [--json FILE] [--rounds 15] [--threads 2] [--compile]
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+from bench_common import loadavg
 
 from oscqat import OscillationTracker, QuantConfig, create_model, dampening_loss, quantize_model
+from oscqat.compiled import CompiledForward
 from oscqat.dampening import enable_fused_dampening
 
 VARIANTS = {
@@ -34,6 +40,7 @@ VARIANTS = {
     "full": (True, True, True, True),
     "lsq (A/A control)": (True, False, False, False),  # a second plain-LSQ model: the noise floor
 }
+COMPILED_VARIANTS = {"compiled fp32": "fp32", "compiled lsq": "lsq", "compiled full": "full"}  # --compile
 
 
 RATIOS = {  # name: (numerator, denominator)
@@ -44,11 +51,21 @@ RATIOS = {  # name: (numerator, denominator)
     "full_over_lsq": ("full", "lsq"),
     "control_over_lsq": ("lsq (A/A control)", "lsq"),
 }
+COMPILED_RATIOS = {
+    "compiled_lsq_over_compiled_fp32": ("compiled lsq", "compiled fp32"),
+    "compiled_full_over_compiled_lsq": ("compiled full", "compiled lsq"),
+    "compiled_fp32_over_fp32": ("compiled fp32", "fp32"),
+    "compiled_lsq_over_lsq": ("compiled lsq", "lsq"),
+    "compiled_full_over_full": ("compiled full", "full"),
+}
+TARGETS = {"full_over_lsq": 1.05, "lsq_over_fp32": 1.5, "compiled_lsq_over_compiled_fp32": 1.15,
+           "compiled_full_over_compiled_lsq": 1.03}
 
 
 class Variant:
     def __init__(self, name: str, bits: int, batch: int, size: int, seed: int = 0):
-        quantized, self.track, self.freeze, self.dampen = VARIANTS[name]
+        compiled = name in COMPILED_VARIANTS
+        quantized, self.track, self.freeze, self.dampen = VARIANTS[COMPILED_VARIANTS.get(name, name)]
         torch.manual_seed(seed)
         self.model = create_model("mobilenet_v2", num_classes=10)  # same seed: same weights for all
         if quantized:
@@ -67,16 +84,27 @@ class Variant:
         self.threshold = 5e-4 if self.freeze else 0.0
         if self.dampen:  # as the Trainer does
             enable_fused_dampening(self.model, max_bits=8)
+        self.lam = torch.tensor(0.1)
+        self.compiled = CompiledForward(self.model, self._loss) if compiled else None
+
+    def _loss(self, x, y, lam):
+        loss = F.cross_entropy(self.model(x), y)
+        if self.dampen:
+            loss = loss + lam * dampening_loss(self.model, "kernel_mean", max_bits=8)
+        return loss, loss, None
 
     def step(self) -> None:
-        out = self.model(self.x)
-        loss = F.cross_entropy(out, self.y)
-        if self.dampen:
-            loss = loss + 0.1 * dampening_loss(self.model, "kernel_mean", max_bits=8)
+        if self.compiled is not None:
+            loss = self.compiled(self.x, self.y, self.lam)[1]
+        else:
+            loss = self._loss(self.x, self.y, 0.1)[1]
         self.opt.zero_grad(set_to_none=True)
         if self.qopt:
             self.qopt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         loss.backward()
+        if self.compiled is not None:  # AOTAutograd compiles the backward at the first backward
+            self.compiled.add_backward_time(time.perf_counter() - t0)
         self.opt.step()
         if self.qopt:
             self.qopt.step()
@@ -84,11 +112,21 @@ class Variant:
             self.tracker.step(freeze_threshold=self.threshold)
 
 
-def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_round: int) -> dict:
-    variants = {name: Variant(name, bits, batch, size) for name in VARIANTS}
-    for v in variants.values():
+def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_round: int,
+        compile: bool = False) -> dict:
+    names = list(VARIANTS) + (list(COMPILED_VARIANTS) if compile else [])
+    ratios = {**RATIOS, **(COMPILED_RATIOS if compile else {})}
+    variants = {name: Variant(name, bits, batch, size) for name in names}
+    compile_s = {}
+    for name, v in variants.items():
+        t0 = time.perf_counter()
         for _ in range(warmup):
             v.step()
+        if v.compiled is not None:
+            compile_s[name] = v.compiled.compile_time_s
+            if v.compiled.graphs_compiled != 1 or v.compiled.eager_calls:
+                raise RuntimeError(f"{name}: {v.compiled.graphs_compiled} graphs, {v.compiled.eager_calls} eager calls")
+            print(f"{name}: compiled in {compile_s[name]:.1f} s (warm-up {time.perf_counter() - t0:.1f} s)", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         order = list(variants)
@@ -103,15 +141,17 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
     def paired(num: str, den: str) -> float:
         return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
-    frozen = 0.0
-    full = variants["full"]
-    if full.tracker is not None:
-        frozen = full.tracker.summary()["frozen_frac"]
+    frozen = {name: variants[name].tracker.summary()["frozen_frac"] for name in ("full", "compiled full")
+              if name in variants}
+    for name in COMPILED_VARIANTS:  # freezing never recompiled the graph during the timed rounds
+        if name in variants and variants[name].compiled.graphs_compiled != 1:
+            raise RuntimeError(f"{name} recompiled: {variants[name].compiled.graphs_compiled} graphs")
     return {
         "median_step_s": med,
-        "ratios": {key: paired(num, den) for key, (num, den) in RATIOS.items()},
-        "ratios_of_medians": {key: med[num] / med[den] for key, (num, den) in RATIOS.items()},
-        "full_variant_frozen_frac": frozen,
+        "ratios": {key: paired(num, den) for key, (num, den) in ratios.items()},
+        "ratios_of_medians": {key: med[num] / med[den] for key, (num, den) in ratios.items()},
+        "full_variant_frozen_frac": frozen["full"],
+        **({"compiled_full_variant_frozen_frac": frozen["compiled full"], "compile_s": compile_s} if compile else {}),
     }
 
 
@@ -125,26 +165,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--compile", action="store_true", help="add compiled fp32, lsq and full variants")
     args = ap.parse_args()
+    loadavg_before = loadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.rounds, args.warmup, args.bits, args.batch, args.size, args.steps_per_round)
+    if args.compile and args.warmup < 2:
+        ap.error("--compile needs --warmup >= 2 (the first compiles, the rest are timed warm)")
+    res = run(args.rounds, args.warmup, args.bits, args.batch, args.size, args.steps_per_round, args.compile)
     res["setup"] = {"model": "mobilenet_v2", "input": f"{args.batch}x3x{args.size}x{args.size}",
                     "bits": f"w{args.bits}a{args.bits}", "rounds": args.rounds, "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                    "cpus": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    targets = {"full_over_lsq": 1.05, "lsq_over_fp32": 1.5}
+                    "cpus": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "loadavg_before": loadavg_before}
+    targets = TARGETS
     print(f"{'variant':<20}{'median step (ms)':>18}")
     for name, t in res["median_step_s"].items():
         print(f"{name:<20}{t * 1000:>18.1f}")
     print("\ncontrol_over_lsq compares two identical plain-LSQ models: its distance from 1.000 is")
     print("this run's noise floor (memory layout, host noise) for every other ratio.")
     print()
-    print(f"{'ratio':<24}{'paired':>8}{'of medians':>12}")
+    print(f"{'ratio':<34}{'paired':>8}{'of medians':>12}")
     for key, value in res["ratios"].items():
         target = targets.get(key)
         verdict = "" if target is None else ("  (target <= %.2f: %s)" % (target, "met" if value <= target else "MISSED"))
-        print(f"{key:<24}{value:>8.3f}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
+        print(f"{key:<34}{value:>8.3f}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
+    res["setup"]["loadavg_after"] = loadavg()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)

@@ -86,7 +86,8 @@ class TrainConfig(BaseModel):
     # separate (digits/digits_hard: fixed 20% of the source digits; cifar10/imagefolder: their test/val set)
     selection_fraction: float = Field(default=0.2, gt=0.0, lt=1.0,
                                       validation_alias=AliasChoices("selection_fraction", "val_fraction"))
-    num_workers: int = Field(default=0, ge=0, le=64)
+    # DataLoader workers (cifar10, imagefolder); None: 0 on CPU, the trial's CPU share - 1 on a GPU
+    num_workers: int | None = Field(default=None, ge=0, le=64)
 
     # optimisation
     epochs: int = Field(default=20, gt=0, le=10_000)
@@ -116,6 +117,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False
+    # run the training forward + backward through torch.compile (Inductor): compiled once per
+    # run, at its second step; eager is the reference (see README, Performance)
+    compile: bool = False
 
     @field_validator("bits")
     @classmethod

@@ -39,9 +39,28 @@ class TensorLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.pin = False  # yield batches in pinned memory (see ``stage``)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def stage(self, device: torch.device, resident_fraction: float = 0.125) -> str:
+        """Prepare for training on ``device``; returns the mode. On a GPU, a set that fits in
+        ``resident_fraction`` of its memory moves there once ("resident": batches are gathered on
+        the GPU, no copy per step); a larger one yields pinned batches ("pinned": the trainer's
+        ``non_blocking`` copy then overlaps the GPU's work). The batches and their order are the
+        same either way (the shuffle is drawn on the CPU). Elsewhere nothing changes ("host")."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return "host"
+        if self.x.device == device:
+            return "resident"
+        size = self.x.nbytes + self.y.nbytes
+        if size <= resident_fraction * torch.cuda.get_device_properties(device).total_memory:
+            self.x, self.y, self.pin = self.x.to(device), self.y.to(device), False
+            return "resident"
+        self.pin = True
+        return "pinned"
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -58,13 +77,19 @@ class TensorLoader:
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
+        if self.x.device != order.device:  # resident on a GPU: one small index copy per batch
+            order = order.to(self.x.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+            if self.pin:
+                yield self.x[idx].pin_memory(), self.y[idx].pin_memory()
+            else:
+                yield self.x[idx], self.y[idx]
 
 
 class TorchLoader:
-    """A DataLoader wrapper with the same ``set_epoch``/``num_samples`` interface."""
+    """A DataLoader wrapper with the same ``set_epoch``/``num_samples`` interface (pinned
+    batches when CUDA is available)."""
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, drop_last=False):
         self.dataset = dataset
@@ -91,6 +116,18 @@ class TorchLoader:
 
 
 Loader = TensorLoader | TorchLoader
+
+
+def loader_workers(cfg) -> int:
+    """DataLoader workers for file-backed sets: ``cfg.num_workers`` when given; else 0 for a
+    CPU run (the decoding would take the training's own cores) and, for a GPU run, the CPU
+    share this process trains with (``torch.get_num_threads()``: a Ray trial sets it to its
+    assigned CPUs) minus one for the training loop, between 1 and 8."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, torch.get_num_threads() - 1))
 
 
 # The digits test split is drawn with this constant, never with cfg.seed: every run, trial and
@@ -214,10 +251,11 @@ def _cifar10(cfg) -> DataBundle:
     except RuntimeError as exc:
         raise FileNotFoundError(f"CIFAR-10 not found under {root} (set data_dir, or download: true): {exc}") from None
     train, sel = _carve_selection(train_full, train_eval, cfg.selection_fraction, cfg.seed)
+    workers = loader_workers(cfg)
     return DataBundle(
-        train=TorchLoader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers, drop_last=True),
-        val=TorchLoader(sel, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
-        test=TorchLoader(test, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
+        train=TorchLoader(train, cfg.batch_size, True, cfg.seed, workers, drop_last=True),
+        val=TorchLoader(sel, cfg.batch_size * 2, False, cfg.seed, workers),
+        test=TorchLoader(test, cfg.batch_size * 2, False, cfg.seed, workers),
         num_classes=10, in_chans=3, image_size=size,
     )
 
@@ -238,9 +276,10 @@ def _imagefolder(cfg) -> DataBundle:
     train_eval = torchvision.datasets.ImageFolder(str(root / "train"), val_tf)
     test = torchvision.datasets.ImageFolder(str(root / "val"), val_tf)  # val/ is the held-out test split
     train, sel = _carve_selection(train_full, train_eval, cfg.selection_fraction, cfg.seed)
+    workers = loader_workers(cfg)
     return DataBundle(
-        train=TorchLoader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers, drop_last=True),
-        val=TorchLoader(sel, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
-        test=TorchLoader(test, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers),
+        train=TorchLoader(train, cfg.batch_size, True, cfg.seed, workers, drop_last=True),
+        val=TorchLoader(sel, cfg.batch_size * 2, False, cfg.seed, workers),
+        test=TorchLoader(test, cfg.batch_size * 2, False, cfg.seed, workers),
         num_classes=len(train_full.classes), in_chans=3, image_size=size,
     )

@@ -116,9 +116,11 @@ class QuantMixin:
 
     def _quantize_weight(self, remember: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         want_damp = remember and self.fuse_dampening and self.training and torch.is_grad_enabled()
-        w_hat, w_int, damp = self.weight_quantizer.quantize_with_dampening(
-            self.weight, self.frozen_idx, self.frozen_vals, want_damp=want_damp
-        )
+        if torch.compiler.is_compiling():  # dense: the graph stays the same as more weights freeze
+            frozen = self.frozen_mask, self.frozen_int
+        else:  # sparse: eager touches only the frozen elements
+            frozen = self.frozen_idx, self.frozen_vals
+        w_hat, w_int, damp = self.weight_quantizer.quantize_with_dampening(self.weight, *frozen, want_damp=want_damp)
         if remember:  # the forward's integers, read by the tracker and the dampening loss
             self.last_weight_int = w_int
             self.last_damp = damp if want_damp else None

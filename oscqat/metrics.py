@@ -6,7 +6,7 @@ Torch-free, so read-only commands (reports, status) can know the names without i
 METRIC_NAMES = (
     "epoch", "train_loss", "val_loss", "val_top1", "val_top1_no_bnre", "dampen_loss", "dampen_lambda",
     "freeze_threshold", "lr", "osc_frac", "osc_frac_depthwise", "osc_frac_pointwise", "frozen_frac",
-    "scale_flip_frac", "epoch_time_s", "samples_per_s", "model_size_kb", "bops_g",
+    "scale_flip_frac", "epoch_time_s", "compile_time_s", "samples_per_s", "model_size_kb", "bops_g",
     # held-out test split, measured at the last epoch only (None before): never selected on
     "test_top1", "test_top1_no_bnre", "test_loss",
 )

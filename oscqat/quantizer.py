@@ -39,6 +39,9 @@ class _LSQFunction(torch.autograd.Function):
 
     ``frozen_idx``/``frozen_vals`` (optional; flat indices and their float integers) pin some
     elements: those get no gradient to ``x`` and contribute ``x_int`` to the scale gradient.
+    A bool ``frozen_idx`` shaped like ``x`` is the dense form (``frozen_vals`` then the dense
+    integers): what a compiled graph uses, since its shape stays fixed as more weights freeze
+    (the sparse index grows, and a graph holding it would be recompiled at every freeze).
     With ``want_damp`` the same pass also returns the dampening sum ``sum((clip(w) - s*x_int)^2)``
     over non-frozen elements (scale detached) and adds its gradient ``2*(w - s*x_int)`` in
     backward, so dampening costs two element passes instead of its own autograd graph.
@@ -56,7 +59,11 @@ class _LSQFunction(torch.autograd.Function):
         v_clip = v.clamp(n, p)
         inside = v_clip == v  # the straight-through mask: n <= v <= p
         x_int = torch.round(v_clip)
-        if frozen_idx is not None:
+        dense = frozen_idx is not None and frozen_idx.dtype == torch.bool
+        if dense:
+            x_int = torch.where(frozen_idx, frozen_vals.to(x_int.dtype), x_int)
+            inside = inside & ~frozen_idx
+        elif frozen_idx is not None:
             x_int.view(-1).index_copy_(0, frozen_idx, frozen_vals)
             inside.view(-1).index_fill_(0, frozen_idx, False)
         x_hat = x_int * scale
@@ -64,7 +71,9 @@ class _LSQFunction(torch.autograd.Function):
         if want_damp:
             # clip(w) - s*x_int = s*(clip(v) - x_int): 0 outside the grid, masked where frozen.
             resid = v_clip.sub_(x_int)
-            if frozen_idx is not None:
+            if dense:
+                resid = resid.masked_fill(frozen_idx, 0.0)
+            elif frozen_idx is not None:
                 resid.view(-1).index_fill_(0, frozen_idx, 0.0)
             s = scale.detach()
             if s.numel() == 1:
@@ -258,7 +267,7 @@ class LSQQuantizer(nn.Module):
         """Return ``(x_hat, x_int)``; calibrates on the first call.
 
         ``frozen_idx``/``frozen_vals``: flat indices of pinned elements and their integers
-        (float32), see ``frozen_index``.
+        (float32), see ``frozen_index``; or the dense mask and integers (see ``_LSQFunction``).
         """
         return self.quantize_with_dampening(x, frozen_idx, frozen_vals, want_damp=False)[:2]
 
@@ -279,7 +288,7 @@ class LSQQuantizer(nn.Module):
         scale = self._broadcast_scale(x)
         if x.dtype != torch.float32:
             x = x.float()
-        if frozen_idx is not None and not x.is_contiguous():
+        if frozen_idx is not None and frozen_idx.dtype != torch.bool and not x.is_contiguous():
             x = x.contiguous()  # frozen indices address the flat, contiguous layout
         x_hat, x_int, damp, v = _LSQFunction.apply(x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp)
         if self.record_forward and torch.is_grad_enabled():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oscqat.bn import bn_layers, bn_state, reestimate_bn
+from oscqat.compiled import CompiledForward
 from oscqat.config import TrainConfig
 from oscqat.cost import model_cost
 from oscqat.dampening import dampening_loss, enable_fused_dampening
@@ -85,6 +86,11 @@ class Trainer:
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         self.data = data or build_data(config)
+        # on a GPU: in-memory sets move there once (or yield pinned batches); on a CPU, nothing changes
+        self.data_path = self.data.train.stage(self.device) if hasattr(self.data.train, "stage") else "host"
+        for loader in (self.data.val, self.data.test):
+            if hasattr(loader, "stage"):
+                loader.stage(self.device)
         model = create_model(config.arch, num_classes=self.data.num_classes, pretrained=config.pretrained,
                              in_chans=self.data.in_chans)
         if pretrained_state is not None:
@@ -107,6 +113,11 @@ class Trainer:
         self.layer_history: list[dict] = []
         self.steps_per_epoch = max(len(self.data.train), 1)
         self.total_steps = self.steps_per_epoch * config.epochs
+        # compile: built once per Trainer (so once per trial), compiled at its first call
+        # inputs in channels_last memory format: off; bench/gpu_check.sh measures whether it helps on a GPU
+        self.channels_last = False
+        self._lam = torch.zeros((), device=self.device)  # lambda as a graph input, not a constant
+        self.compiled = CompiledForward(self.model, self._loss_terms) if config.compile else None
 
     # setup -------------------------------------------------------------------
     def _build_optimizers(self):
@@ -164,19 +175,19 @@ class Trainer:
         damp_sum = torch.zeros((), device=self.device)
         seen = batches = 0
         lam = f_th = 0.0
+        compile_before = self.compiled.compile_time_s if self.compiled is not None else 0.0
         for x, y in self.data.train:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             lam, f_th = self._schedules()
-            with self._autocast():
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-            total = loss
-            if cfg.dampens:
-                damp = dampening_loss(model, cfg.dampen_aggregation, max_bits=cfg.track_max_bits)
+            if self.compiled is not None:
+                loss, total, damp = self.compiled(x, y, self._lam.fill_(lam))
+            else:
+                loss, total, damp = self._loss_terms(x, y, lam)
+            if damp is not None:
                 damp_sum += damp.detach()
-                if lam > 0.0:
-                    total = loss + lam * damp
             if not math.isfinite(float(loss.detach())):
                 raise NonFiniteLossError(
                     f"non-finite training loss ({float(loss.detach())}) at epoch {self.epoch + 1}, step {self.global_step}; "
@@ -185,7 +196,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.quant_optimizer is not None:
                 self.quant_optimizer.zero_grad(set_to_none=True)
+            backward_start = time.perf_counter()
             total.backward()
+            if self.compiled is not None:
+                self.compiled.add_backward_time(time.perf_counter() - backward_start)
             self.optimizer.step()
             if self.quant_optimizer is not None:
                 self.quant_optimizer.step()
@@ -208,7 +222,25 @@ class Trainer:
             "freeze_threshold": f_th,
             "lr": lr,
             "_samples": seen,
+            "compile_time_s": (self.compiled.compile_time_s - compile_before) if self.compiled is not None else 0.0,
         }
+
+    def _loss_terms(self, x: torch.Tensor, y: torch.Tensor, lam) -> tuple:
+        """``(task loss, loss to backpropagate, dampening loss or None)`` of one training forward.
+
+        The function ``compile`` runs through torch.compile; there ``lam`` is a 0-d tensor (a
+        graph input, so the lambda schedule does not recompile) and the total is always
+        ``loss + lam * damp`` (equal to ``loss`` at lambda 0)."""
+        cfg = self.cfg
+        with self._autocast():
+            out = self.model(x)
+            loss = F.cross_entropy(out.float(), y)
+        if not cfg.dampens:
+            return loss, loss, None
+        damp = dampening_loss(self.model, cfg.dampen_aggregation, max_bits=cfg.track_max_bits)
+        if isinstance(lam, torch.Tensor):
+            return loss, loss + lam * damp, damp
+        return loss, (loss + lam * damp) if lam > 0.0 else loss, damp
 
     def _check_scales(self) -> None:
         """Raise ``QuantizerCollapseError`` when a scale the optimizer just updated is at the floor.
@@ -234,7 +266,7 @@ class Trainer:
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(x).float()
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
@@ -290,6 +322,7 @@ class Trainer:
             # share of this epoch's integer changes that the scale's motion caused (see oscillation.py)
             "scale_flip_frac": scale_flips / flips if flips else 0.0,
             "epoch_time_s": time.perf_counter() - start,
+            "compile_time_s": train["compile_time_s"],
             "samples_per_s": train["_samples"] / max(train_time, 1e-9),
             **self.cost(),
             **test,

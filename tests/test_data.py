@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oscqat import TrainConfig
-from oscqat.data import build_data, three_way_split
+from oscqat.data import build_data, loader_workers, three_way_split
 from oscqat.digits_hard import VARIANTS, digits_hard_splits, rendered_digits
 
 SEEDS = (0, 1, 7, 123)
@@ -80,3 +80,17 @@ def test_selection_fraction_and_its_old_name():
     assert "val_fraction" not in TrainConfig().model_dump()
     n_sel = build_data(TrainConfig(dataset="digits", selection_fraction=0.1)).val.num_samples
     assert n_sel == round((1797 - round(1797 * 0.2)) * 0.1)
+
+
+def test_cpu_data_path_is_unchanged_and_workers_follow_the_device():
+    """On a CPU the in-memory loaders stay where they are (no pinning, no copies), and file-backed
+    sets get no DataLoader workers unless asked for: a CPU run's results and cost are as before."""
+    cfg = TrainConfig(dataset="digits", device="cpu", batch_size=64)
+    data = build_data(cfg)
+    before = [(x.clone(), y.clone()) for x, y in data.train]
+    assert data.train.stage(torch.device("cpu")) == "host"
+    assert not data.train.pin and data.train.x.device.type == "cpu"
+    after = list(data.train)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(before, after))
+    assert loader_workers(cfg) == 0
+    assert loader_workers(TrainConfig(dataset="digits", device="cpu", num_workers=3)) == 3

@@ -8,7 +8,7 @@ import torch
 from oscqat_helpers import DEMO_CONFIG, tiny_train_kwargs
 from oscqat import METRIC_NAMES, NonFiniteLossError, TrainConfig, Trainer, layer_bits, quant_layers
 
-TIMING_METRICS = {"epoch_time_s", "samples_per_s"}
+TIMING_METRICS = {"epoch_time_s", "samples_per_s", "compile_time_s"}
 
 
 def _resume_cfg(**overrides) -> TrainConfig:
