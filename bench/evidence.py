@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from oscqat import TrainConfig, Trainer  # noqa: E402
+from oscqat import TrainConfig, Trainer, stats  # noqa: E402
 from oscqat.bn import bn_layers, reestimate_bn  # noqa: E402
 from oscqat.toy import run_toy  # noqa: E402
 
@@ -108,18 +108,16 @@ def size(name: str, quick: bool):
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and *sample* std (n - 1); std 0 for a single value."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """Mean and *sample* std (n - 1, ``oscqat.stats``); std 0 for a single value."""
+    ms = stats.mean_std(values)
+    return ms.mean, ms.std or 0.0
 
 
 def paired(a: list[float], b: list[float]) -> dict:
-    """Paired difference a - b over shared seeds: mean, sample std and a t-based 95% interval."""
-    from scipy.stats import t as student_t
-
-    diffs = [x - y for x, y in zip(a, b)]
-    m, s = mean_std(diffs)
-    half = student_t.ppf(0.975, len(diffs) - 1) * s / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return {"mean": m, "std": s, "ci95": [m - half, m + half], "n": len(diffs)}
+    """Paired difference a - b over shared seeds (``oscqat.stats.paired_diff``): mean, sample std
+    and a t-based 95% interval (nan for a single seed)."""
+    d = stats.paired_diff(dict(enumerate(a)), dict(enumerate(b)))
+    return {"mean": d.mean, "std": d.std or 0.0, "ci95": list(d.ci95) if d.ci95 else [math.nan, math.nan], "n": d.n}
 
 
 def fp_checkpoint(job: tuple[str, bool, Path]) -> dict:
