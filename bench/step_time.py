@@ -73,13 +73,15 @@ class Variant:
         self.x = torch.randn(batch, 3, size, size)
         self.y = torch.randint(0, 10, (batch,))
         self.model.train()
-        self.model(self.x)  # calibrate quantizer scales
         scales = [p for n, p in self.model.named_parameters() if n.endswith("scale")]
         ids = {id(p) for p in scales}
         self.opt = torch.optim.SGD([p for p in self.model.parameters() if id(p) not in ids], lr=1e-3, momentum=0.9,
                                    weight_decay=5e-5)
         self.qopt = torch.optim.Adam(scales, lr=1e-5) if scales else None
         self.tracker = OscillationTracker(self.model, momentum=1e-3, max_bits=bits) if self.track else None
+        self.model(self.x)  # calibrate quantizer scales (eager, as a Trainer's first step)
+        if self.tracker is not None:
+            self.tracker.step()  # so the compiled steps all find previous integers and scales: one graph
         # Freeze with a threshold that some weights do cross, so the frozen path is exercised.
         self.threshold = 5e-4 if self.freeze else 0.0
         if self.dampen:  # as the Trainer does
@@ -87,17 +89,18 @@ class Variant:
         self.lam = torch.tensor(0.1)
         self.compiled = CompiledForward(self.model, self._loss) if compiled else None
 
-    def _loss(self, x, y, lam):
+    def _loss(self, x, y, lam):  # as Trainer._loss_terms
         loss = F.cross_entropy(self.model(x), y)
+        stats = self.tracker.forward_stats() if self.tracker is not None and torch.compiler.is_compiling() else None
         if self.dampen:
             loss = loss + lam * dampening_loss(self.model, "kernel_mean", max_bits=8)
-        return loss, loss, None
+        return loss, loss, None, stats
 
     def step(self) -> None:
         if self.compiled is not None:
-            loss = self.compiled(self.x, self.y, self.lam)[1]
+            _, loss, _, stats = self.compiled(self.x, self.y, self.lam)
         else:
-            loss = self._loss(self.x, self.y, 0.1)[1]
+            _, loss, _, stats = self._loss(self.x, self.y, 0.1)
         self.opt.zero_grad(set_to_none=True)
         if self.qopt:
             self.qopt.zero_grad(set_to_none=True)
@@ -109,7 +112,7 @@ class Variant:
         if self.qopt:
             self.qopt.step()
         if self.tracker is not None:
-            self.tracker.step(freeze_threshold=self.threshold)
+            self.tracker.step(freeze_threshold=self.threshold, stats=stats)
 
 
 def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_round: int,

@@ -74,24 +74,26 @@ class QuantMixin:
         self.frozen_latent = (self.weight.detach().reshape(-1)[self.frozen_idx].clone()
                               if self._any_frozen else None)
 
-    @torch.no_grad()
     def restore_frozen_latent(self) -> None:
-        """Put the frozen weights' latent values back (undoes an optimizer step's drift)."""
+        """Put the frozen weights' latent values back (undoes an optimizer step's drift).
+
+        Writes through ``detach()`` (no autograd involved), so it needs no ``no_grad`` context:
+        the tracker calls it for every frozen layer at every step."""
         if self._any_frozen:
             buffers = self._buffers
             self._parameters["weight"].detach().view(-1).index_copy_(0, buffers["frozen_idx"], buffers["frozen_latent"])
 
-    @torch.no_grad()
     def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, ints8: torch.Tensor | None = None,
                        check: bool = True) -> torch.Tensor:
         """Pin the weights at ``flat_idx`` to the integers ``ints``, updating the sparse index
         in place of a full ``refresh_frozen`` pass. ``check`` skips weights already frozen (the
-        tracker guarantees there are none). Returns the indices that were newly frozen."""
+        tracker guarantees there are none). Returns the indices that were newly frozen.
+        Touches buffers and the weight through ``detach()`` only: no ``no_grad`` needed."""
         buffers = self._buffers  # direct access: Module.__getattr__/__setattr__ cost more than the ops here
         if check:
             fresh = ~buffers["frozen_mask"].view(-1)[flat_idx]
             flat_idx, ints, ints8 = flat_idx[fresh], ints[fresh], None
-        ints = ints.to(torch.float32)
+        ints = ints.detach().to(torch.float32)
         # index_* methods: a few microseconds less per call than tensor indexing, on a hot path
         buffers["frozen_mask"].view(-1).index_fill_(0, flat_idx, True)
         buffers["frozen_int"].view(-1).index_copy_(0, flat_idx, ints8 if ints8 is not None else ints.to(torch.int8))

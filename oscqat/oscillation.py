@@ -11,6 +11,12 @@ weight under the previous forward's scale, ``round(clip(v_t * s_t / s_{t-1}))`` 
 would not have flipped it: the flip is scale-driven. Only the changed integers are touched
 (about 0.1% per step), so this costs a few small ops per layer, not a pass over the weights.
 ``pop_flip_stats`` returns the counts since the last call (the trainer's ``scale_flip_frac``).
+
+A compiled step (``TrainConfig.compile``) hands the dense half of ``step`` to the graph:
+``forward_stats``, called inside it right after the forward, concatenates the integers, compares
+them with the previous step's, counts the scale-driven changes and marks the 64-weight blocks
+that hold a change, all fused with the quantizers' own passes. ``step(stats=...)`` then touches
+only the marked blocks: no pass over the weights outside the graph.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 from torch import nn
 
 from oscqat.layers import QuantMixin, quant_layers
+from oscqat.quantizer import SCALE_EPS
+
+BLOCK = 64  # weights per block in the sparse search for the integers that moved
 
 
 class _LayerState:
@@ -174,17 +183,52 @@ class OscillationTracker:
         return torch.cat(parts, out=self._spare), missing
 
     @torch.no_grad()
-    def step(self, freeze_threshold: float = 0.0) -> None:
+    def forward_stats(self) -> tuple | None:
+        """The dense half of the next ``step``, from the forward just run (see the module doc).
+
+        Meant for inside a compiled training step, right after the forward: ``(integers, changed
+        blocks, changed tail, changes, scale-driven changes, scales)``, to pass to
+        ``step(stats=...)``. None when some layer had no forward or no previous scale (the first
+        step, a step after ``load_state_dict``): ``step`` then takes the eager path. Each layer's
+        ``last_weight_int`` becomes a view into the concatenated integers (one copy of them)."""
+        if self._prev is None or not self.layers:
+            return None
+        ints, olds, scales = [], [], []
+        for name, layer in self.layers.items():
+            x_int, s_prev = layer.last_weight_int, self._scale_prev.get(name)
+            if x_int is None or s_prev is None:
+                return None
+            q = layer.weight_quantizer
+            n, p = q._bounds  # cached at the quantizer's first forward (``bounds`` reads a buffer)
+            ints.append(x_int.reshape(-1))
+            # the integer this forward's weight would take under the previous forward's scale
+            olds.append(torch.round(torch.clamp(layer.weight.detach().float() / s_prev, n, p)).reshape(-1))
+            scales.append(q._broadcast_scale(layer.weight).detach().clamp_min(SCALE_EPS))
+        x = torch.cat(ints)
+        changed = x != self._prev
+        scale_driven = (changed & (torch.cat(olds) == self._prev)).sum()
+        cut = x.numel() // BLOCK * BLOCK
+        hits = changed[:cut].view(-1, BLOCK).any(dim=1)
+        for st, layer in zip(self.states.values(), self.layers.values()):
+            layer.last_weight_int = st._view(x)
+        return x, hits, changed[cut:], changed.sum(), scale_driven, scales
+
+    @torch.no_grad()
+    def step(self, freeze_threshold: float = 0.0, stats: tuple | None = None) -> None:
         """Update every tracked layer from its latest forward; freeze where ``f > freeze_threshold``.
 
         ``freeze_threshold=0`` disables freezing. A layer without a forward since the last step
         is left as it is. Also pins the latent value of frozen weights, undoing any weight-decay
-        or momentum drift from the optimizer step just taken.
+        or momentum drift from the optimizer step just taken. ``stats``: ``forward_stats()`` of
+        this step's forward (same result, no pass over the weights here).
         """
         self._flipped = None
-        x, missing = self._gather_ints() if self.layers else (None, [])
-        if x is not None:
-            self._update(x, missing)
+        if stats is not None:
+            self._update_from_stats(stats)
+        else:
+            x, missing = self._gather_ints() if self.layers else (None, [])
+            if x is not None:
+                self._update(x, missing)
         if freeze_threshold > 0.0 and self.layers:
             self._sync_hand_frozen()
             scaled = freeze_threshold / self._decay
@@ -202,14 +246,16 @@ class OscillationTracker:
             self._cleared = scaled
         else:
             self._cleared = float("inf")  # frequencies rise unchecked: check all at the next freeze
-        for name, layer in self.layers.items():
+        scales = stats[5] if stats is not None else [None] * len(self.layers)
+        for (name, layer), scale in zip(self.layers.items(), scales):
             if layer._any_frozen:
                 layer.restore_frozen_latent()
             layer.__dict__["last_weight_int"] = None  # consumed: a forward must run before the next update
-            q = layer.weight_quantizer
-            if q.last_scale is not None:  # this forward's scale is the next update's "previous" one
-                self._scale_prev[name] = q.last_scale
-            q.last_v = q.last_scale = None
+            q = layer.weight_quantizer.__dict__  # plain attributes: skip Module.__setattr__ (52 layers a step)
+            scale = q["last_scale"] if scale is None else scale
+            if scale is not None:  # this forward's scale is the next update's "previous" one
+                self._scale_prev[name] = scale
+            q["last_v"] = q["last_scale"] = None
         self.steps += 1
 
     def _attribute(self, moved: torch.Tensor, missing: list[str]) -> None:
@@ -250,7 +296,7 @@ class OscillationTracker:
     def pop_flip_stats(self) -> tuple[int, int]:
         """``(scale-driven changes, attributed changes)`` since the last call; resets both."""
         scale = 0 if self._flips_scale is None else int(self._flips_scale)
-        total = self._flips_total
+        total = int(self._flips_total)
         self._flips_scale, self._flips_total = None, 0
         return scale, total
 
@@ -279,7 +325,6 @@ class OscillationTracker:
         if self._prev is None:
             self._prev, self._ema_dev = x, torch.zeros_like(x)
             return
-        m = self.momentum
         kept = {name: (self.states[name]._slice, self._freq[self.states[name]._slice].clone(),
                        self._last_dir[self.states[name]._slice].clone(),
                        self._ema_dev[self.states[name]._slice].clone()) for name in missing}
@@ -289,10 +334,28 @@ class OscillationTracker:
         moved = self._moved(delta)
         if moved.numel():
             self._attribute(moved, missing)
+        self._apply_moves(x, moved, delta[moved], kept)
+
+    def _update_from_stats(self, stats: tuple) -> None:
+        """``_update`` from ``forward_stats``: the moved integers come from the marked blocks."""
+        x, hits, tail, changes, scale_driven, _ = stats
+        prev = self._prev
+        cut = hits.numel() * BLOCK
+        hit = torch.nonzero(hits).squeeze(1)
+        # index_select, not tensor[idx]: the same rows for less overhead
+        local = torch.nonzero(x[:cut].view(-1, BLOCK).index_select(0, hit) != prev[:cut].view(-1, BLOCK).index_select(0, hit))
+        moved = torch.cat([hit.index_select(0, local[:, 0]) * BLOCK + local[:, 1], torch.nonzero(tail).squeeze(1) + cut])
+        self._flips_total += changes
+        self._flips_scale = scale_driven if self._flips_scale is None else self._flips_scale + scale_driven
+        self._apply_moves(x, moved, x.index_select(0, moved) - prev.index_select(0, moved), {})
+
+    def _apply_moves(self, x: torch.Tensor, moved: torch.Tensor, step: torch.Tensor, kept: dict) -> None:
+        """Advance both EMAs by one step given the integers that moved (and by how much);
+        ``x`` becomes the previous integers. ``kept``: layers without a forward, restored."""
+        m = self.momentum
         old_decay = self._decay
         self._decay *= 1.0 - m
         if moved.numel():
-            step = delta[moved]
             direction = step.sign()
             flipped = moved[direction * self._last_dir[moved] < 0]
             # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1
@@ -332,12 +395,7 @@ class OscillationTracker:
         targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
         if bounds[0] is not None:
             targets.clamp_(*bounds[0])
-        starts = self._starts_on(new_idx.device)
-        cuts = torch.searchsorted(new_idx, starts)
-        counts = cuts.diff()
-        # each index relative to its layer's start, for all layers in one op
-        local_all = new_idx - torch.repeat_interleave(starts[:-1], counts)
-        cuts = cuts.tolist()
+        cuts = torch.searchsorted(new_idx, self._starts_on(new_idx.device)).tolist()
         # Frozen from the next forward on, the integer never moves again: frequency 0, and the
         # history restarts at the pinned value, so the jump to it is no oscillation.
         self._freq[new_idx] = 0.0
@@ -350,8 +408,11 @@ class OscillationTracker:
             ints = targets[a:b]
             if bounds[0] is None:
                 ints.clamp_(*bounds[1][i])
-            layer.freeze_weights(local_all[a:b], ints, ints8[a:b] if bounds[0] is not None else None, check=False)
-            self.states[name]._seen_idx = layer.frozen_idx
+            # indices relative to the layer's start: a subtraction per touched layer costs less
+            # than one repeat_interleave for all (which needs the counts on the host)
+            layer.freeze_weights(new_idx[a:b] - self._starts[i], ints, ints8[a:b] if bounds[0] is not None else None,
+                                 check=False)
+            self.states[name]._seen_idx = layer._buffers["frozen_idx"]
         self._prev[new_idx] = targets
         self._ema_dev[new_idx] -= (targets - old_prev) / self._decay  # the EMA itself is unchanged
 
@@ -373,10 +434,11 @@ class OscillationTracker:
         their old frequency; zero it, so they are never candidates again."""
         for name, layer in self.layers.items():
             st = self.states[name]
-            if layer.frozen_idx is not st._seen_idx:
-                if layer.frozen_idx is not None:
-                    self._freq[st._slice][layer.frozen_idx] = 0.0
-                st._seen_idx = layer.frozen_idx
+            idx = layer._buffers["frozen_idx"]  # not layer.frozen_idx: Module.__getattr__, every step
+            if idx is not st._seen_idx:
+                if idx is not None:
+                    self._freq[st._slice][idx] = 0.0
+                st._seen_idx = idx
 
     # reporting -------------------------------------------------------------
     @torch.no_grad()

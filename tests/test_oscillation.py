@@ -624,3 +624,50 @@ def test_flip_attribution_per_channel_scales():
     tracker.step()
     scale_driven, total = tracker.pop_flip_stats()
     assert total > 0 and scale_driven == total
+
+
+# ----------------------------------------------------------------------------- compiled step's split
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_forward_stats_path_equals_the_eager_update(per_channel):
+    """``step(stats=forward_stats())`` (the compiled step's split: dense half in the graph, sparse
+    half after it) leaves the same tracker and frozen state as ``step()``, step for step, with
+    freezing on, a model whose flat size is no multiple of the block, and moves both sparse and
+    dense (large steps early). The scale-flip counts agree too."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 5))
+    quantize_model(model, QuantConfig(weight_bits=3, act_bits=4, per_channel=per_channel))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    runs = []
+    for net in (model, twin):
+        tracker = OscillationTracker(net, momentum=0.1, max_bits=4)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        runs.append((net, tracker, opt))
+    assert runs[0][1].numel % 64 != 0
+    used_stats = 0
+    for step in range(40):
+        lr = 0.5 if step < 10 else 0.02
+        for i, (net, tracker, opt) in enumerate(runs):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = F.cross_entropy(net(x), y)
+            stats = tracker.forward_stats() if i == 1 else None
+            used_stats += stats is not None
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tracker.step(freeze_threshold=0.15 if step >= 5 else 0.0, stats=stats)
+        (a_net, a, _), (b_net, b, _) = runs
+        assert torch.equal(a._prev, b._prev), step
+        for key in ("freq", "last_dir", "int_ema"):
+            for name in a.states:
+                assert torch.allclose(getattr(a.states[name], key), getattr(b.states[name], key), atol=1e-6), (step, key)
+        for (_, la), (_, lb) in zip(quant_layers(a_net), quant_layers(b_net)):
+            assert torch.equal(la.frozen_mask, lb.frozen_mask), step
+            assert torch.equal(la.weight, lb.weight), step
+        assert a.pop_flip_stats() == b.pop_flip_stats(), step
+    assert used_stats == 39  # every step but the first (no previous integers yet)
+    assert runs[1][1].summary()["frozen_frac"] > 0.01
