@@ -164,7 +164,9 @@ def parent_description(campaign, target, space_name: str | None, searched: list[
              + (f" (ASHA: grace {b.grace_period}, factor {b.reduction_factor:g})" if b.scheduler == "asha" else ""),
              "- **Selection metric**: `val_top1` on the selection split (the searcher and ASHA see only this)"]
     if best:
-        link = f"[{best['trial_id']}](#/experiments/{experiment_id}/runs/{best['run_id']})" if best.get("run_id") \
+        # workflowType: without it a browser new to this MLflow opens the run in the GenAI view
+        link = (f"[{best['trial_id']}](#/experiments/{experiment_id}/runs/{best['run_id']}"
+                "?workflowType=machine_learning)") if best.get("run_id") \
             else f"`{best['trial_id']}`"
         counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(best.get("counts", {}).items()))
         lines += [f"- **Best trial**: {link} ({best.get('method') or '?'}), val_top1 {best['val_top1']:.4f}",
