@@ -250,8 +250,8 @@ def accuracy_vs_bits(store: CampaignStore, out_dir: Path) -> list[Figure]:
         ax.set_xlabel("bit-width")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
-        if drawn or paper:
-            ax.legend(fontsize=8)
+        if drawn or paper:  # below the axes: inside, it covered the winner's error bar and the FP line
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         shown = (f"{SELECTED_SHOWN}: per method the COMPLETE trial with the best val_top1 in this campaign "
                  f"(dataset {store.campaign.dataset}), drawn at its test top-1"
                  + ("; diamonds: the confirmed winner's test mean ± sample std over fresh seeds" if confirmed else ""))
@@ -429,8 +429,9 @@ def accuracy_vs_size(store: CampaignStore, out_dir: Path) -> Figure:
         return fig
     front = pareto_front(best_points)
     right = max(p[0] for p in best_points)  # the front holds its last accuracy out to the largest model
-    ax.step([p[0] for p in front] + [right], [p[1] for p in front] + [front[-1][1]], where="post", color="black",
-            lw=1.2, label="Pareto front (selected trial per target)")
+    if len(best_points) > 1:  # one target: a front of one point draws no line, so no legend entry either
+        ax.step([p[0] for p in front] + [right], [p[1] for p in front] + [front[-1][1]], where="post",
+                color="black", lw=1.2, label="Pareto front (selected trial per target)")
     paper_drawn = []
     for arch in archs:
         paper = paper_numbers(arch)
@@ -450,11 +451,13 @@ def accuracy_vs_size(store: CampaignStore, out_dir: Path) -> Figure:
     ax.set_xlabel("model size (KiB, packed weights at trained bit-widths; log scale)")
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    front_text = ("; the line is the Pareto front over the selected trials' test top-1" if len(best_points) > 1
+                  else "")
     fig.caption = (f"{SELECTED_SHOWN}. Dots: COMPLETE trials at their test top-1 (dataset {store.campaign.dataset}); "
-                   "outlined: each target's selected trial (best val_top1); the line is the Pareto front over "
-                   "the selected trials' test top-1. Size = sum of weights x weight bits "
-                   "+ 32 bits per other parameter/BN statistic (oscqat.cost).")
+                   f"outlined: each target's selected trial (best val_top1){front_text}. Size = sum of weights x "
+                   "weight bits + 32 bits per other parameter/BN statistic (oscqat.cost).")
     if paper_drawn:
         fig.caption += f" Squares/stars: the paper's ImageNet top-1 and FP32 at those networks' sizes, {PAPER_SOURCE}."
     else:
