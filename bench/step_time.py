@@ -58,6 +58,9 @@ COMPILED_RATIOS = {
     "compiled_lsq_over_lsq": ("compiled lsq", "lsq"),
     "compiled_full_over_full": ("compiled full", "full"),
 }
+# where a step's time goes: forward (with the loss, dampening and, compiled, the tracker's dense
+# half), backward, the two optimizer steps, and the tracker's step (sparse update and freezing)
+PHASES = ("forward", "backward", "optimizer", "tracker")
 TARGETS = {"full_over_lsq": 1.05, "lsq_over_fp32": 1.5, "compiled_lsq_over_compiled_fp32": 1.15,
            "compiled_full_over_compiled_lsq": 1.03}
 
@@ -88,6 +91,7 @@ class Variant:
             enable_fused_dampening(self.model, max_bits=8)
         self.lam = torch.tensor(0.1)
         self.compiled = CompiledForward(self.model, self._loss) if compiled else None
+        self.phases: dict[str, list[float]] = {phase: [] for phase in PHASES}  # seconds per step
 
     def _loss(self, x, y, lam):  # as Trainer._loss_terms
         loss = F.cross_entropy(self.model(x), y)
@@ -97,6 +101,7 @@ class Variant:
         return loss, loss, None, stats
 
     def step(self) -> None:
+        t0 = time.perf_counter()
         if self.compiled is not None:
             _, loss, _, stats = self.compiled(self.x, self.y, self.lam)
         else:
@@ -104,15 +109,20 @@ class Variant:
         self.opt.zero_grad(set_to_none=True)
         if self.qopt:
             self.qopt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         if self.compiled is not None:  # AOTAutograd compiles the backward at the first backward
-            self.compiled.add_backward_time(time.perf_counter() - t0)
+            self.compiled.add_backward_time(t2 - t1)
         self.opt.step()
         if self.qopt:
             self.qopt.step()
+        t3 = time.perf_counter()
         if self.tracker is not None:
             self.tracker.step(freeze_threshold=self.threshold, stats=stats)
+        t4 = time.perf_counter()
+        for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            self.phases[phase].append(seconds)
 
 
 def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_round: int,
@@ -140,6 +150,10 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
                 variants[name].step()
             times[name].append((time.perf_counter() - t0) / steps_per_round)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    for v in variants.values():  # the phases of the timed steps only
+        for phase in PHASES:
+            del v.phases[phase][:warmup]
+    phases = {name: {phase: statistics.median(v.phases[phase]) for phase in PHASES} for name, v in variants.items()}
 
     def paired(num: str, den: str) -> float:
         return statistics.median(a / b for a, b in zip(times[num], times[den]))
@@ -151,6 +165,7 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
             raise RuntimeError(f"{name} recompiled: {variants[name].compiled.graphs_compiled} graphs")
     return {
         "median_step_s": med,
+        "median_phase_s": phases,
         "ratios": {key: paired(num, den) for key, (num, den) in ratios.items()},
         "ratios_of_medians": {key: med[num] / med[den] for key, (num, den) in ratios.items()},
         "full_variant_frozen_frac": frozen["full"],
@@ -185,6 +200,9 @@ def main() -> None:
     print(f"{'variant':<20}{'median step (ms)':>18}")
     for name, t in res["median_step_s"].items():
         print(f"{name:<20}{t * 1000:>18.1f}")
+    print(f"\n{'median per phase (ms)':<20}" + "".join(f"{phase:>11}" for phase in PHASES))
+    for name, phases in res["median_phase_s"].items():
+        print(f"{name:<20}" + "".join(f"{phases[phase] * 1000:>11.1f}" for phase in PHASES))
     print("\ncontrol_over_lsq compares two identical plain-LSQ models: its distance from 1.000 is")
     print("this run's noise floor (memory layout, host noise) for every other ratio.")
     print()
