@@ -389,13 +389,17 @@ def _best_so_far(trials: list[dict]) -> list[tuple[int, float]]:
     return points
 
 
-def _winner_test(res, trials: list[dict]) -> float | None:
-    """The confirmed winner's test mean when the campaign confirms; else the selected trial's test top-1."""
-    confirmed = getattr(res, "confirmed_test_top1_mean", None)
-    if confirmed is not None:
-        return confirmed
+def _selected_test(trials: list[dict]) -> float | None:
+    """Test top-1 of the search's selected trial (best selection value at the full budget)."""
     pts = _best_so_far(trials)
     return pts[-1][1] if pts else None
+
+
+def _winner_test(res, trials: list[dict]) -> float | None:
+    """The confirmed winner's test mean when the campaign confirmed one (``TargetResult.confirmed``,
+    as ``run_campaign`` returns it); else the selected trial's test top-1."""
+    confirmed = (res.confirmed or {}).get("test_top1_mean")
+    return confirmed if confirmed is not None else _selected_test(trials)
 
 
 def search_section(quick: bool, work: Path, fig_dir: Path, previous: dict | None = None) -> dict:
@@ -404,7 +408,7 @@ def search_section(quick: bool, work: Path, fig_dir: Path, previous: dict | None
     import ray
 
     from search.campaign import Campaign
-    from search.runner import run_campaign, target_result
+    from search.runner import run_campaign
 
     seeds = list(range(size("search_seeds", quick)))
     max_epochs = size("search_epochs", quick)
@@ -443,14 +447,16 @@ def search_section(quick: bool, work: Path, fig_dir: Path, previous: dict | None
                 spec["confirm"] = {"top_k": 1, "seeds": 2} if quick else dict(CONFIRM)
             camp = Campaign(**spec)
             t0 = time.perf_counter()
-            run_campaign(camp)
+            res = run_campaign(camp)[0]  # with the confirmed winner (target_result alone lacks the state)
             wall = time.perf_counter() - t0
-            res = target_result(camp, camp.targets[0])
             trials = _trial_runs(camp)
             curves[kind].append(_best_so_far(trials))
+            if camp.confirm is not None and res.confirmed is None:
+                raise RuntimeError(f"{camp.name}: the confirm stage recorded no winner")
             per[kind].append({"test_top1": _winner_test(res, trials), "trial_epochs": sum(t["epochs"] for t in trials),
                               "trials": len(trials), "wall_s": wall, "best_method": res.method,
-                              "selected_val_top1": res.best_val_top1})
+                              "selected_val_top1": res.best_val_top1, "selected_test_top1": _selected_test(trials),
+                              "confirmed": res.confirmed})
             log(f"search seed {seed}: {kind} winner test {per[kind][-1]['test_top1']} "
                 f"with {per[kind][-1]['trial_epochs']} trial-epochs ({wall:.0f} s)")
     ray.shutdown()
