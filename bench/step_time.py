@@ -93,19 +93,18 @@ class Variant:
         self.compiled = CompiledForward(self.model, self._loss) if compiled else None
         self.phases: dict[str, list[float]] = {phase: [] for phase in PHASES}  # seconds per step
 
-    def _loss(self, x, y, lam):  # as Trainer._loss_terms
+    def _loss(self, x, y, lam):
         loss = F.cross_entropy(self.model(x), y)
-        stats = self.tracker.forward_stats() if self.tracker is not None and torch.compiler.is_compiling() else None
         if self.dampen:
             loss = loss + lam * dampening_loss(self.model, "kernel_mean", max_bits=8)
-        return loss, loss, None, stats
+        return loss, loss, None
 
     def step(self) -> None:
         t0 = time.perf_counter()
         if self.compiled is not None:
-            _, loss, _, stats = self.compiled(self.x, self.y, self.lam)
+            loss = self.compiled(self.x, self.y, self.lam)[1]
         else:
-            _, loss, _, stats = self._loss(self.x, self.y, 0.1)
+            loss = self._loss(self.x, self.y, 0.1)[1]
         self.opt.zero_grad(set_to_none=True)
         if self.qopt:
             self.qopt.zero_grad(set_to_none=True)
@@ -114,14 +113,17 @@ class Variant:
         t2 = time.perf_counter()
         if self.compiled is not None:  # AOTAutograd compiles the backward at the first backward
             self.compiled.add_backward_time(t2 - t1)
+            if self.tracker is not None:  # as the Trainer does: the update half before the optimizer step
+                self.tracker.observe()
+        t2b = time.perf_counter()
         self.opt.step()
         if self.qopt:
             self.qopt.step()
         t3 = time.perf_counter()
         if self.tracker is not None:
-            self.tracker.step(freeze_threshold=self.threshold, stats=stats)
+            self.tracker.step(freeze_threshold=self.threshold)
         t4 = time.perf_counter()
-        for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2b, t4 - t3 + t2b - t2)):
             self.phases[phase].append(seconds)
 
 

@@ -183,9 +183,9 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             lam, f_th = self._schedules()
             if self.compiled is not None:
-                loss, total, damp, stats = self.compiled(x, y, self._lam.fill_(lam))
+                loss, total, damp = self.compiled(x, y, self._lam.fill_(lam))
             else:
-                loss, total, damp, stats = self._loss_terms(x, y, lam)
+                loss, total, damp = self._loss_terms(x, y, lam)
             if damp is not None:
                 damp_sum += damp.detach()
             if not math.isfinite(float(loss.detach())):
@@ -200,12 +200,14 @@ class Trainer:
             total.backward()
             if self.compiled is not None:
                 self.compiled.add_backward_time(time.perf_counter() - backward_start)
+                if self.tracker is not None:  # the graph keeps no x / s (a pass over the weights): the
+                    self.tracker.observe()  # tracker reads the live weights, before the optimizer moves them
             self.optimizer.step()
             if self.quant_optimizer is not None:
                 self.quant_optimizer.step()
                 self._check_scales()
             if self.tracker is not None:
-                self.tracker.step(freeze_threshold=f_th, stats=stats)
+                self.tracker.step(freeze_threshold=f_th)
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             batches += 1
@@ -226,25 +228,21 @@ class Trainer:
         }
 
     def _loss_terms(self, x: torch.Tensor, y: torch.Tensor, lam) -> tuple:
-        """``(task loss, loss to backpropagate, dampening loss or None, tracker stats or None)``
-        of one training forward.
+        """``(task loss, loss to backpropagate, dampening loss or None)`` of one training forward.
 
         The function ``compile`` runs through torch.compile; there ``lam`` is a 0-d tensor (a
-        graph input, so the lambda schedule does not recompile), the total is always
-        ``loss + lam * damp`` (equal to ``loss`` at lambda 0), and the tracker's dense work
-        (``OscillationTracker.forward_stats``) runs in the graph too."""
+        graph input, so the lambda schedule does not recompile) and the total is always
+        ``loss + lam * damp`` (equal to ``loss`` at lambda 0)."""
         cfg = self.cfg
         with self._autocast():
             out = self.model(x)
             loss = F.cross_entropy(out.float(), y)
-        compiling = torch.compiler.is_compiling()
-        stats = self.tracker.forward_stats() if compiling and self.tracker is not None else None
         if not cfg.dampens:
-            return loss, loss, None, stats
+            return loss, loss, None
         damp = dampening_loss(self.model, cfg.dampen_aggregation, max_bits=cfg.track_max_bits)
         if isinstance(lam, torch.Tensor):
-            return loss, loss + lam * damp, damp, stats
-        return loss, (loss + lam * damp) if lam > 0.0 else loss, damp, stats
+            return loss, loss + lam * damp, damp
+        return loss, (loss + lam * damp) if lam > 0.0 else loss, damp
 
     def _check_scales(self) -> None:
         """Raise ``QuantizerCollapseError`` when a scale the optimizer just updated is at the floor.

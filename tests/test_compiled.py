@@ -64,7 +64,7 @@ def test_compiled_step_equals_eager_on_the_same_state(runs):
     def one(fn):
         for p in model.parameters():
             p.grad = None
-        loss, total, damp, _ = fn(x, y, lam)
+        loss, total, damp = fn(x, y, lam)
         total.backward()
         ints = {name: layer.last_weight_int.clone() for name, layer in quant_layers(model)}
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

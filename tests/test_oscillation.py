@@ -628,11 +628,12 @@ def test_flip_attribution_per_channel_scales():
 
 # ----------------------------------------------------------------------------- compiled step's split
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_forward_stats_path_equals_the_eager_update(per_channel):
-    """``step(stats=forward_stats())`` (the compiled step's split: dense half in the graph, sparse
-    half after it) leaves the same tracker and frozen state as ``step()``, step for step, with
-    freezing on, a model whose flat size is no multiple of the block, and moves both sparse and
-    dense (large steps early). The scale-flip counts agree too."""
+def test_observe_before_the_optimizer_step_equals_step_alone(per_channel):
+    """A compiled step's forward keeps no ``x / s`` (``record_forward`` is off inside a graph), so
+    it calls ``observe()`` before the optimizer step and ``step()`` after it. That leaves the same
+    tracker and frozen state as ``step()`` alone on a recorded forward, step for step, with
+    freezing on and moves both dense (large steps early) and sparse; the scale-flip counts, read
+    from the live weights instead of the recorded ``x / s``, agree exactly."""
     import copy
 
     torch.manual_seed(0)
@@ -646,20 +647,21 @@ def test_forward_stats_path_equals_the_eager_update(per_channel):
         tracker = OscillationTracker(net, momentum=0.1, max_bits=4)
         opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
         runs.append((net, tracker, opt))
-    assert runs[0][1].numel % 64 != 0
-    used_stats = 0
+    for layer in runs[1][1].layers.values():  # as inside a compiled graph: no recorded x / s
+        layer.weight_quantizer.record_forward = False
+    scale_driven = 0
     for step in range(40):
         lr = 0.5 if step < 10 else 0.02
         for i, (net, tracker, opt) in enumerate(runs):
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = F.cross_entropy(net(x), y)
-            stats = tracker.forward_stats() if i == 1 else None
-            used_stats += stats is not None
             opt.zero_grad()
-            loss.backward()
+            F.cross_entropy(net(x), y).backward()
+            if i == 1:
+                assert all(layer.weight_quantizer.last_v is None for layer in tracker.layers.values())
+                tracker.observe()
             opt.step()
-            tracker.step(freeze_threshold=0.15 if step >= 5 else 0.0, stats=stats)
+            tracker.step(freeze_threshold=0.15 if step >= 5 else 0.0)
         (a_net, a, _), (b_net, b, _) = runs
         assert torch.equal(a._prev, b._prev), step
         for key in ("freq", "last_dir", "int_ema"):
@@ -668,6 +670,8 @@ def test_forward_stats_path_equals_the_eager_update(per_channel):
         for (_, la), (_, lb) in zip(quant_layers(a_net), quant_layers(b_net)):
             assert torch.equal(la.frozen_mask, lb.frozen_mask), step
             assert torch.equal(la.weight, lb.weight), step
-        assert a.pop_flip_stats() == b.pop_flip_stats(), step
-    assert used_stats == 39  # every step but the first (no previous integers yet)
+        flips = a.pop_flip_stats()
+        assert flips == b.pop_flip_stats(), step
+        scale_driven += flips[0]
+    assert scale_driven > 0  # the attribution was exercised
     assert runs[1][1].summary()["frozen_frac"] > 0.01
