@@ -4,7 +4,9 @@ The function is the step's forward, task loss and dampening term; autograd's bac
 compiled with it (AOTAutograd), so the quantizers' elementwise passes (divide, clamp, round,
 compare, multiply and their backward) and the fused dampening sums become a few Inductor kernels.
 The optimizers, the scale-collapse check and the oscillation tracker stay eager: they are sparse
-bookkeeping, and the tracker's freezing changes the frozen set every few steps. Inside the graph
+bookkeeping, and the tracker's freezing changes the frozen set every few steps. The graph keeps
+no ``x / s`` for the tracker (that output would cost a pass over every weight); the Trainer calls
+``OscillationTracker.observe`` before the optimizer step instead, which reads the live weights. Inside the graph
 the frozen weights are the layers' dense ``frozen_mask``/``frozen_int`` buffers (see
 ``QuantMixin._quantize_weight``), edited in place by freezing, so the graph is compiled once
 whatever freezes later.

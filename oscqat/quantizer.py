@@ -291,8 +291,8 @@ class LSQQuantizer(nn.Module):
         if frozen_idx is not None and frozen_idx.dtype != torch.bool and not x.is_contiguous():
             x = x.contiguous()  # frozen indices address the flat, contiguous layout
         x_hat, x_int, damp, v = _LSQFunction.apply(x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp)
-        # not in a compiled graph: v would become an output (a pass over the weights); there the
-        # tracker's forward_stats does the attribution inside the graph
+        # not in a compiled graph: v would become one more output (a pass over every weight); a
+        # compiled step's tracker attributes flips from the live weights (OscillationTracker.observe)
         if self.record_forward and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self.last_v, self.last_scale = v, scale.detach().clamp_min(SCALE_EPS)
         return x_hat, x_int, damp
