@@ -13,6 +13,7 @@ ENV_VAR = "OSCQAT_FAULT_INJECT"
 SLEEP_ENV_VAR = "OSCQAT_FAULT_SLEEP_S"
 BARRIER_ENV_VAR = "OSCQAT_FAULT_BARRIER"  # "DIR:N" for barrier@EPOCH
 BARRIER_TIMEOUT_S = 180.0
+GATE_ENV_VAR = "OSCQAT_FAULT_GATE"  # a file path for gate@*
 
 
 def barrier(directory: str, parties: int, timeout_s: float = BARRIER_TIMEOUT_S) -> int:
@@ -54,13 +55,20 @@ def maybe_inject(spec: str | None, epoch: int, restored: bool, cfg=None, trainer
     ``OSCQAT_FAULT_BARRIER=DIR:N``) holds the first N trials before epoch EPOCH until all N have
     arrived (``barrier``, above). ``sleep@*`` (with
     ``OSCQAT_FAULT_SLEEP_S``) paces every epoch, restored attempts included, so a test can stop a
-    campaign while work certainly remains.
+    campaign while work certainly remains. ``gate@*`` (with ``OSCQAT_FAULT_GATE=PATH``) holds every
+    trial before each epoch while PATH exists, so a test can stop a campaign while it certainly
+    has work left, however far a loaded machine got before the signal.
     """
     if not spec:
         return
+    items = [i.strip() for i in spec.split(",")]
     pace = os.environ.get(SLEEP_ENV_VAR)
-    if pace and not before and any(i.strip() == "sleep@*" for i in spec.split(",")):
+    if pace and not before and "sleep@*" in items:
         time.sleep(float(pace))  # pacing, not a fault: every epoch, restored attempts too
+    gate = os.environ.get(GATE_ENV_VAR)
+    if gate and before and "gate@*" in items:
+        while os.path.exists(gate):  # held before every epoch while the file exists
+            time.sleep(0.1)
     if restored:
         return
     for item in spec.split(","):

@@ -51,8 +51,10 @@ def fp_checkpoint(tmp_path_factory) -> Path:
 def _start(work: Path, *args: str) -> subprocess.Popen:
     log = work / f"out-{time.monotonic_ns()}.txt"
     with open(log, "w") as out:
-        # every epoch takes at least PACE_S: the signals below always land while work remains
-        env = clean_env(OSCQAT_FAULT_INJECT="sleep@*", OSCQAT_FAULT_SLEEP_S=str(PACE_S))
+        # every epoch takes at least PACE_S, and while the gate file exists no trial starts an
+        # epoch: a signal sent with the gate closed always lands while work remains
+        env = clean_env(OSCQAT_FAULT_INJECT="sleep@*,gate@*", OSCQAT_FAULT_SLEEP_S=str(PACE_S),
+                        OSCQAT_FAULT_GATE=str(work / "gate"))
         proc = subprocess.Popen([OSCQAT, "search", *args], cwd=work, env=env, text=True,
                                 stdout=out, stderr=subprocess.STDOUT)
     proc.log_path = log
@@ -95,6 +97,7 @@ def test_ctrl_c_and_sigterm_stop_the_campaign_resumably(tmp_path, fp_checkpoint)
 
     proc = _start(work, "run", "c.yaml")
     _wait_epochs(exp, 1, proc)
+    (work / "gate").touch()  # from here no trial starts another epoch: work remains, however slow the checks
     # a second driver on the same campaign is refused at once, while the first holds it
     second = run_cli(["search", "run", "c.yaml"], cwd=work, timeout=120)
     assert second.returncode == 1, second.stdout + second.stderr
@@ -116,14 +119,20 @@ def test_ctrl_c_and_sigterm_stop_the_campaign_resumably(tmp_path, fp_checkpoint)
     assert all(status != "RUNNING" for status, _ in runs.values()), runs
 
     # resume goes on from the checkpoints; SIGTERM stops it the same way
+    (work / "gate").unlink()
     proc = _start(work, "resume", "intr")
     before = count_reported_epochs(exp)
+    assert before < 2 * EPOCHS  # the gate held the first driver's trials
     _wait_epochs(exp, before + 1, proc)
+    (work / "gate").touch()
+    if count_reported_epochs(exp) >= 2 * EPOCHS - 1:  # too close to the end to stop it mid-way
+        pytest.fail(f"the resumed campaign reported {count_reported_epochs(exp)} of {2 * EPOCHS} epochs")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM, _output(proc)
     assert _state(work, "intr")["targets"]["demo_net/w3a3"]["status"] == "running"
     assert "FAIL" not in _optuna_states(work)
 
+    (work / "gate").unlink()
     final = run_cli(["search", "resume", "intr"], cwd=work, timeout=600)
     assert final.returncode == 0, final.stdout + final.stderr
     assert "already finished" not in final.stdout
@@ -142,6 +151,7 @@ def test_deleted_optuna_store_stops_the_campaign(tmp_path, fp_checkpoint):
     exp = work / "ray_results" / "gone" / "demo_net-w3a3"
     proc = _start(work, "run", "c.yaml")
     _wait_epochs(exp, 1, proc)
+    (work / "gate").touch()  # from here no trial starts another epoch: work remains, however slow the checks
     for suffix in ("", "-wal", "-shm"):
         Path(f"{work / 'optuna.db'}{suffix}").unlink(missing_ok=True)
     code = proc.wait(timeout=300)
