@@ -58,8 +58,8 @@ COMPILED_RATIOS = {
     "compiled_lsq_over_lsq": ("compiled lsq", "lsq"),
     "compiled_full_over_full": ("compiled full", "full"),
 }
-# where a step's time goes: forward (with the loss, dampening and, compiled, the tracker's dense
-# half), backward, the two optimizer steps, and the tracker's step (sparse update and freezing)
+# where a step's time goes: forward (with the loss and dampening), backward, the two optimizer
+# steps, and the tracker (its update, freezing and pinning; compiled, observe() plus step())
 PHASES = ("forward", "backward", "optimizer", "tracker")
 TARGETS = {"full_over_lsq": 1.05, "lsq_over_fp32": 1.5, "compiled_lsq_over_compiled_fp32": 1.15,
            "compiled_full_over_compiled_lsq": 1.03}

@@ -287,7 +287,7 @@ class OscillationTracker:
     def pop_flip_stats(self) -> tuple[int, int]:
         """``(scale-driven changes, attributed changes)`` since the last call; resets both."""
         scale = 0 if self._flips_scale is None else int(self._flips_scale)
-        total = int(self._flips_total)
+        total = self._flips_total
         self._flips_scale, self._flips_total = None, 0
         return scale, total
 
@@ -325,15 +325,11 @@ class OscillationTracker:
         moved = self._moved(delta)
         if moved.numel():
             self._attribute(moved, missing, live)
-        self._apply_moves(x, moved, delta[moved], kept)
-
-    def _apply_moves(self, x: torch.Tensor, moved: torch.Tensor, step: torch.Tensor, kept: dict) -> None:
-        """Advance both EMAs by one step given the integers that moved (and by how much);
-        ``x`` becomes the previous integers. ``kept``: layers without a forward, restored."""
         m = self.momentum
         old_decay = self._decay
         self._decay *= 1.0 - m
         if moved.numel():
+            step = delta[moved]
             direction = step.sign()
             flipped = moved[direction * self._last_dir[moved] < 0]
             # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1
