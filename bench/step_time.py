@@ -84,7 +84,7 @@ class Variant:
         self.tracker = OscillationTracker(self.model, momentum=1e-3, max_bits=bits) if self.track else None
         self.model(self.x)  # calibrate quantizer scales (eager, as a Trainer's first step)
         if self.tracker is not None:
-            self.tracker.step()  # so the compiled steps all find previous integers and scales: one graph
+            self.tracker.step()  # the calibration forward is a Trainer's first (eager) step: track it too
         # Freeze with a threshold that some weights do cross, so the frozen path is exercised.
         self.threshold = 5e-4 if self.freeze else 0.0
         if self.dampen:  # as the Trainer does
