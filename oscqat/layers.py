@@ -83,20 +83,28 @@ class QuantMixin:
             buffers = self._buffers
             self._parameters["weight"].detach().view(-1).index_copy_(0, buffers["frozen_idx"], buffers["frozen_latent"])
 
-    def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, ints8: torch.Tensor | None = None,
-                       check: bool = True) -> torch.Tensor:
+    def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Pin the weights at ``flat_idx`` to the integers ``ints``, updating the sparse index
-        in place of a full ``refresh_frozen`` pass. ``check`` skips weights already frozen (the
-        tracker guarantees there are none). Returns the indices that were newly frozen.
-        Touches buffers and the weight through ``detach()`` only: no ``no_grad`` needed."""
+        in place of a full ``refresh_frozen`` pass. ``check`` skips weights already frozen.
+        Returns the indices that were newly frozen."""
         buffers = self._buffers  # direct access: Module.__getattr__/__setattr__ cost more than the ops here
         if check:
             fresh = ~buffers["frozen_mask"].view(-1)[flat_idx]
-            flat_idx, ints, ints8 = flat_idx[fresh], ints[fresh], None
+            flat_idx, ints = flat_idx[fresh], ints[fresh]
+        if not flat_idx.numel():
+            return flat_idx
         ints = ints.detach().to(torch.float32)
         # index_* methods: a few microseconds less per call than tensor indexing, on a hot path
         buffers["frozen_mask"].view(-1).index_fill_(0, flat_idx, True)
-        buffers["frozen_int"].view(-1).index_copy_(0, flat_idx, ints8 if ints8 is not None else ints.to(torch.int8))
+        buffers["frozen_int"].view(-1).index_copy_(0, flat_idx, ints.to(torch.int8))
+        self._append_frozen(flat_idx, ints)
+        return flat_idx
+
+    def _append_frozen(self, flat_idx: torch.Tensor, ints: torch.Tensor) -> None:
+        """Add weights (not yet frozen; the dense mask and integers already marked) to the
+        sparse index, pinning each to its current latent value. ``ints``: float32 integers.
+        Touches buffers and the weight through ``detach()`` only: no ``no_grad`` needed."""
+        buffers = self._buffers
         latent = self._parameters["weight"].detach().reshape(-1).index_select(0, flat_idx)
         if buffers["frozen_idx"] is None:
             buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = flat_idx, ints, latent
@@ -104,8 +112,7 @@ class QuantMixin:
             buffers["frozen_idx"] = torch.cat([buffers["frozen_idx"], flat_idx])
             buffers["frozen_vals"] = torch.cat([buffers["frozen_vals"], ints])
             buffers["frozen_latent"] = torch.cat([buffers["frozen_latent"], latent])
-        self.__dict__["_any_frozen"] = buffers["frozen_idx"].numel() > 0
-        return flat_idx
+        self.__dict__["_any_frozen"] = True
 
     @property
     def is_depthwise(self) -> bool:

@@ -9,7 +9,8 @@ scale moving, or both. For each integer that changed, the tracker re-quantizes t
 weight under the previous forward's scale, ``round(clip(v_t * s_t / s_{t-1}))`` with
 ``v_t = w_t / s_t`` kept by the quantizer; if that gives back the old integer, the weight alone
 would not have flipped it: the flip is scale-driven. Only the changed integers are touched
-(about 0.1% per step), so this costs a few small ops per layer, not a pass over the weights.
+(about 0.1% per step), with one gather per layer and the rest batched over all layers, not a
+pass over the weights.
 ``pop_flip_stats`` returns the counts since the last call (the trainer's ``scale_flip_frac``).
 
 A compiled step (``TrainConfig.compile``) calls ``observe`` between its backward and the
@@ -128,7 +129,17 @@ class OscillationTracker:
             offset += numel
         self.numel = offset
         self._starts = [st._slice.start for st in self.states.values()] + [offset]
-        self._starts_t: torch.Tensor | None = None
+        self._layer_list = list(self.layers.values())
+        self._names = list(self.layers)
+        # Per-layer constants for batched lookups over all layers: where each layer's scales
+        # sit in the flat scale vector, how many weights share one scale entry, and the grid.
+        quantizers = [layer.weight_quantizer for layer in self._layer_list]
+        sizes = [q.scale.numel() for q in quantizers]
+        self._scale_starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._scale_shapes = [tuple(q._broadcast_scale(layer.weight).shape)
+                              for q, layer in zip(quantizers, self._layer_list)]
+        self._per_scale = [layer.weight.numel() // k for layer, k in zip(self._layer_list, sizes)]
+        self._consts: dict | None = None  # the constants above as tensors on the weights' device
         self._bounds_cache = None  # set on the first freeze (signedness is fixed by then)
         device = next(iter(self.layers.values())).weight.device if self.layers else torch.device("cpu")
         self._freq = torch.zeros(offset, device=device)  # frequency EMA / _decay
@@ -147,10 +158,39 @@ class OscillationTracker:
         self.steps = 0
         for layer in self.layers.values():  # keep x / s and s of each training forward (references)
             layer.weight_quantizer.record_forward = True
-        self._scale_prev: dict[str, torch.Tensor] = {}  # each layer's scale in the previous forward
+        # every layer's (clamped) scale in the previous forward, flat; which layers have one
+        self._s_prev: torch.Tensor | None = None
+        self._has_s_prev = [False] * len(self.layers)
         self._flips_scale: torch.Tensor | None = None  # scale-driven changes since pop_flip_stats
         self._flips_total = 0  # attributed integer changes since pop_flip_stats
         self._observed = False  # observe() did this step's update; step() only freezes and pins
+        self._mask_views: list = []  # the layers' frozen_mask/frozen_int: views into the flat ones
+        self._link_frozen()
+
+    def _link_frozen(self) -> None:
+        """Make every layer's ``frozen_mask``/``frozen_int`` a view into one flat tensor each.
+
+        Freezing then marks the new weights of all layers in two ops instead of two per touched
+        layer. Called again when a layer's buffer was replaced (``model.to``, an assignment):
+        the flat tensors take the layer's current values, so nothing is lost."""
+        if not self.layers:
+            return
+        device = self._layer_list[0].frozen_mask.device
+        mask = torch.zeros(self.numel, dtype=torch.bool, device=device)
+        ints = torch.zeros(self.numel, dtype=torch.int8, device=device)
+        views = []
+        for layer, st in zip(self._layer_list, self.states.values()):
+            buffers = layer._buffers
+            m, i = mask[st._slice].view(st._shape), ints[st._slice].view(st._shape)
+            m.copy_(buffers["frozen_mask"])
+            i.copy_(buffers["frozen_int"])
+            buffers["frozen_mask"], buffers["frozen_int"] = m, i
+            views.append((m, i))
+        self._frozen_mask, self._frozen_int, self._mask_views = mask, ints, views
+
+    def _frozen_linked(self) -> bool:
+        return all(layer._buffers["frozen_mask"] is m and layer._buffers["frozen_int"] is i
+                   for layer, (m, i) in zip(self._layer_list, self._mask_views))
 
     def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
         """All layers' latest forward integers as one flat tensor, and the layers that had none.
@@ -175,6 +215,8 @@ class OscillationTracker:
             self._freq, self._last_dir = self._freq.to(device), self._last_dir.to(device)
             if self._prev is not None:
                 self._prev, self._ema_dev = self._prev.to(device), self._ema_dev.to(device)
+            if self._s_prev is not None:
+                self._s_prev = self._s_prev.to(device)
             self._spare = self._delta = None
         if self._spare is None or self._spare is self._prev:
             self._spare = torch.empty(self.numel, device=device)
@@ -193,12 +235,12 @@ class OscillationTracker:
         x, missing = self._gather_ints() if self.layers else (None, [])
         if x is not None:
             self._update(x, missing, live=True)
-        for name, layer in self.layers.items():
+        for layer in self._layer_list:
             layer.__dict__["last_weight_int"] = None  # consumed
-            q = layer.weight_quantizer
-            if name not in missing:  # this forward's scale is the next update's "previous" one
-                self._scale_prev[name] = q._broadcast_scale(layer.weight).detach().clamp_min(SCALE_EPS)
-            q.__dict__["last_v"] = q.__dict__["last_scale"] = None
+            q = layer.weight_quantizer.__dict__
+            q["last_v"] = q["last_scale"] = None
+        if x is not None:  # this forward's scales are the next update's "previous" ones
+            self._s_prev = self._flat_scales([layer.weight_quantizer.scale for layer in self._layer_list], missing)
         self._observed = True
 
     @torch.no_grad()
@@ -210,13 +252,17 @@ class OscillationTracker:
         or momentum drift from the optimizer step just taken. After ``observe`` only the
         freezing and pinning are left to do.
         """
+        s_now = None
         if self._observed:
             self._observed = False
         else:
             self._flipped = None
             x, missing = self._gather_ints() if self.layers else (None, [])
             if x is not None:
-                self._update(x, missing)
+                last = [layer.weight_quantizer.__dict__["last_scale"] for layer in self._layer_list]
+                if any(t is not None for t in last):
+                    s_now = self._flat_scales(last, [n for n, t in zip(self.layers, last) if t is None])
+                self._update(x, missing, s_now=s_now)
         if freeze_threshold > 0.0 and self.layers:
             self._sync_hand_frozen()
             scaled = freeze_threshold / self._decay
@@ -234,54 +280,84 @@ class OscillationTracker:
             self._cleared = scaled
         else:
             self._cleared = float("inf")  # frequencies rise unchecked: check all at the next freeze
-        for name, layer in self.layers.items():
+        for layer in self._layer_list:
             if layer._any_frozen:
                 layer.restore_frozen_latent()
             layer.__dict__["last_weight_int"] = None  # consumed: a forward must run before the next update
             q = layer.weight_quantizer.__dict__  # plain attributes: skip Module.__setattr__ (52 layers a step)
-            if q["last_scale"] is not None:  # this forward's scale is the next update's "previous" one
-                self._scale_prev[name] = q["last_scale"]
             q["last_v"] = q["last_scale"] = None
+        if s_now is not None:  # this forward's scales are the next update's "previous" ones
+            self._s_prev = s_now
         self.steps += 1
 
-    def _attribute(self, moved: torch.Tensor, missing: list[str], live: bool = False) -> None:
+    def _flat_scales(self, scales: list, keep: list[str]) -> torch.Tensor:
+        """All layers' scales as one flat, clamped vector (a copy); the layers named in ``keep``
+        (or whose entry is None) keep their previous entries. Marks which layers have one."""
+        if not keep:
+            flat = torch.cat([t.detach().reshape(-1) for t in scales]).clamp_min_(SCALE_EPS)
+            self._has_s_prev = [True] * len(scales)
+            return flat
+        keep = set(keep)
+        old = self._s_prev
+        parts = []
+        for i, (name, t) in enumerate(zip(self.layers, scales)):
+            a, b = self._scale_starts[i], self._scale_starts[i + 1]
+            if name in keep or t is None:
+                parts.append(old[a:b] if old is not None and self._has_s_prev[i]
+                             else torch.ones(b - a, device=self._freq.device))
+            else:
+                parts.append(t.detach().reshape(-1).clamp_min(SCALE_EPS))
+                self._has_s_prev[i] = True
+        return torch.cat(parts)
+
+    def _attribute(self, moved: torch.Tensor, missing: list[str], live: bool = False,
+                   s_now: torch.Tensor | None = None) -> None:
         """Count how many of the integers at ``moved`` (this update's changes) the scale caused.
 
         A layer is attributed only when its quantizer recorded this forward and the previous
         one (so hand-fed integers and the first update after a load are skipped). ``live``
-        (``observe``): this forward's ``w_t / s_{t-1}`` from the weights themselves."""
-        starts = self._starts_on(moved.device)
-        cuts = torch.searchsorted(moved, starts).tolist()
-        pieces, olds = [], []
-        shared = self._bounds()[0]
-        for i, (name, layer) in enumerate(self.layers.items()):
-            a, b = cuts[i], cuts[i + 1]
-            q = layer.weight_quantizer
-            s_prev = self._scale_prev.get(name)
-            if a == b or (q.last_v is None and not live) or s_prev is None or name in missing:
-                continue
-            idx = moved[a:b]
-            local = idx - self._starts[i]
-            if live:  # w_t / s_{t-1}
-                div = s_prev if s_prev.numel() == 1 else s_prev.reshape(-1)[local // layer.weight[0].numel()]
-                old_grid = torch.take(layer.weight.detach(), local).float().div_(div)
-            else:
-                ratio = q.last_scale / s_prev  # s_t / s_{t-1}, shaped like the broadcast scale
-                if ratio.numel() > 1:
-                    ratio = ratio.reshape(-1)[local // (layer.weight[0].numel())]
-                old_grid = torch.take(q.last_v, local).mul_(ratio)  # w_t / s_{t-1}
-            if shared is None:
-                old_grid.clamp_(*q.bounds)
-            pieces.append(old_grid)
-            olds.append(idx)
-            self._flips_total += b - a
-        if not pieces:
+        (``observe``): this forward's ``w_t / s_{t-1}`` from the weights themselves; otherwise
+        ``v_t * s_t / s_{t-1}`` from the recorded ``v_t`` and this forward's scales ``s_now``.
+        One gather per layer; the rest is batched over all layers."""
+        if self._s_prev is None or (not live and s_now is None):
             return
-        old_grid = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        c = self._constants(moved.device)
+        cuts = torch.searchsorted(moved, c["starts"]).tolist()
+        take, segments = [], []
+        for i, layer in enumerate(self._layer_list):
+            a, b = cuts[i], cuts[i + 1]
+            if a == b or not self._has_s_prev[i]:
+                continue
+            src = layer.weight.detach() if live else layer.weight_quantizer.__dict__["last_v"]
+            if src is None or (missing and self._names[i] in missing):
+                continue
+            take.append((src, i))
+            segments.append((a, b))
+        if not take:
+            return
+        if len(segments) == len(cuts) - 1 or sum(b - a for a, b in segments) == moved.numel():
+            idx = moved
+        else:
+            idx = torch.cat([moved[a:b] for a, b in segments])
+        lid = torch.searchsorted(c["starts"], idx, right=True).sub_(1)  # each index's layer
+        local = idx - c["starts"][lid]
+        pieces, pos = [], 0
+        for (src, i), (a, b) in zip(take, segments):
+            pieces.append(torch.take(src, local[pos:pos + b - a]))
+            pos += b - a
+        grid = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        entry = local.div_(c["per_scale"][lid], rounding_mode="floor").add_(c["scale_starts"][lid])
+        if live:  # w_t / s_{t-1}
+            grid.div_(self._s_prev[entry])
+        else:  # v_t * (s_t / s_{t-1})
+            grid.mul_(s_now[entry] / self._s_prev[entry])
+        shared = self._bounds()[0]
         if shared is not None:
-            old_grid.clamp_(*shared)
-        idx = torch.cat(olds) if len(olds) > 1 else olds[0]
-        same = (old_grid.round_() == self._prev[idx]).sum()
+            grid.clamp_(*shared)
+        else:
+            grid = torch.clamp(grid, c["lo"][lid], c["hi"][lid])
+        same = (grid.round_() == self._prev[idx]).sum()
+        self._flips_total += idx.numel()
         self._flips_scale = same if self._flips_scale is None else self._flips_scale + same
 
     def pop_flip_stats(self) -> tuple[int, int]:
@@ -312,7 +388,8 @@ class OscillationTracker:
         self._dense_moves = moved.numel() * 256 > delta.numel()
         return moved
 
-    def _update(self, x: torch.Tensor, missing: list[str], live: bool = False) -> None:
+    def _update(self, x: torch.Tensor, missing: list[str], live: bool = False,
+                s_now: torch.Tensor | None = None) -> None:
         if self._prev is None:
             self._prev, self._ema_dev = x, torch.zeros_like(x)
             return
@@ -324,7 +401,7 @@ class OscillationTracker:
         delta = torch.sub(x, self._prev, out=self._delta)
         moved = self._moved(delta)
         if moved.numel():
-            self._attribute(moved, missing, live)
+            self._attribute(moved, missing, live, s_now)
         m = self.momentum
         old_decay = self._decay
         self._decay *= 1.0 - m
@@ -360,33 +437,36 @@ class OscillationTracker:
     def _freeze(self, new_idx: torch.Tensor) -> None:
         """Freeze the weights at flat indices ``new_idx`` (sorted) at their rounded integer EMA.
 
-        Sparse and batched over layers: the cost grows with the number of newly frozen weights
-        and the layers they sit in, not with the model, so freezing a few weights every step
-        stays cheap.
+        Sparse and batched over layers: the mask and integers of all layers are marked in two
+        ops on the flat tensors their buffers view (``_link_frozen``); per touched layer only
+        its sparse index grows. The cost grows with the number of newly frozen weights and the
+        layers they sit in, not with the model, so freezing a few weights every step stays cheap.
         """
-        bounds = self._bounds()
+        c = self._constants(new_idx.device)
         old_prev = self._prev[new_idx]
         targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
-        if bounds[0] is not None:
-            targets.clamp_(*bounds[0])
-        cuts = torch.searchsorted(new_idx, self._starts_on(new_idx.device)).tolist()
+        lid = None
+        shared = self._bounds()[0]
+        if shared is not None:
+            targets.clamp_(*shared)
+        else:
+            lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)
+            targets = torch.clamp(targets, c["lo"][lid], c["hi"][lid])
         # Frozen from the next forward on, the integer never moves again: frequency 0, and the
         # history restarts at the pinned value, so the jump to it is no oscillation.
         self._freq[new_idx] = 0.0
         self._last_dir[new_idx] = 0.0
-        ints8 = targets.to(torch.int8)
-        for i, (name, layer) in enumerate(self.layers.items()):
+        self._frozen_mask.index_fill_(0, new_idx, True)
+        self._frozen_int.index_copy_(0, new_idx, targets.to(torch.int8))
+        cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
+        if lid is None:
+            lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)
+        local = new_idx - c["starts"][lid]  # indices relative to each one's layer
+        for i, layer in enumerate(self._layer_list):
             a, b = cuts[i], cuts[i + 1]
-            if a == b:
-                continue
-            ints = targets[a:b]
-            if bounds[0] is None:
-                ints.clamp_(*bounds[1][i])
-            # indices relative to the layer's start: a subtraction per touched layer costs less
-            # than one repeat_interleave for all (which needs the counts on the host)
-            layer.freeze_weights(new_idx[a:b] - self._starts[i], ints, ints8[a:b] if bounds[0] is not None else None,
-                                 check=False)
-            self.states[name]._seen_idx = layer._buffers["frozen_idx"]
+            if a != b:
+                layer._append_frozen(local[a:b], targets[a:b])
+                self.states[self._names[i]]._seen_idx = layer._buffers["frozen_idx"]
         self._prev[new_idx] = targets
         self._ema_dev[new_idx] -= (targets - old_prev) / self._decay  # the EMA itself is unchanged
 
@@ -398,14 +478,25 @@ class OscillationTracker:
             self._bounds_cache = (shared, per_layer)
         return self._bounds_cache
 
-    def _starts_on(self, device: torch.device) -> torch.Tensor:
-        if self._starts_t is None or self._starts_t.device != device:
-            self._starts_t = torch.tensor(self._starts, device=device)
-        return self._starts_t
+    def _constants(self, device: torch.device) -> dict:
+        """Per-layer constants as tensors on ``device`` (for lookups by each index's layer):
+        flat starts, weights per scale entry, scale offsets and grid bounds."""
+        if self._consts is None or self._consts["starts"].device != device:
+            bounds = self._bounds()[1]
+            self._consts = {
+                "starts": torch.tensor(self._starts, device=device),
+                "per_scale": torch.tensor(self._per_scale, device=device),
+                "scale_starts": torch.tensor(self._scale_starts[:-1], device=device),
+                "lo": torch.tensor([float(n) for n, _ in bounds], device=device),
+                "hi": torch.tensor([float(p) for _, p in bounds], device=device),
+            }
+        return self._consts
 
     def _sync_hand_frozen(self) -> None:
         """Weights frozen outside the tracker (``refresh_frozen`` after editing the mask) keep
         their old frequency; zero it, so they are never candidates again."""
+        if not self._frozen_linked():  # a layer's buffers were replaced: share the flat ones again
+            self._link_frozen()
         for name, layer in self.layers.items():
             st = self.states[name]
             idx = layer._buffers["frozen_idx"]  # not layer.frozen_idx: Module.__getattr__, every step
@@ -460,18 +551,31 @@ class OscillationTracker:
     def state_dict(self) -> dict:
         out = {"steps": self.steps, "momentum": self.momentum, "layers": {},
                # the last forward's scales, so a resumed run attributes its first update too
-               "scale_prev": {name: t.clone() for name, t in self._scale_prev.items()}}
+               "scale_prev": self._scale_prev_by_layer()}
         for name, st in self.states.items():
             out["layers"][name] = {
                 key: (None if (value := getattr(st, key)) is None else value.clone()) for key in STATE_KEYS
             }
         return out
 
+    def _scale_prev_by_layer(self) -> dict[str, torch.Tensor]:
+        """The previous forward's scales per layer (shaped like the broadcast scale; copies)."""
+        if self._s_prev is None:
+            return {}
+        return {name: self._s_prev[self._scale_starts[i]:self._scale_starts[i + 1]].reshape(self._scale_shapes[i]).clone()
+                for i, name in enumerate(self.layers) if self._has_s_prev[i]}
+
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self._observed = False
-        self._scale_prev = {name: t.to(self.layers[name].weight.device).clone()
-                            for name, t in state.get("scale_prev", {}).items() if name in self.layers}
+        saved_scales = state.get("scale_prev", {})
+        self._has_s_prev = [name in saved_scales for name in self.layers]
+        self._s_prev = None
+        if any(self._has_s_prev):
+            self._s_prev = torch.cat([
+                saved_scales[name].to(self._freq.device).reshape(-1) if name in saved_scales
+                else torch.ones(self._scale_starts[i + 1] - self._scale_starts[i], device=self._freq.device)
+                for i, name in enumerate(self.layers)])
         missing = set(self.states) - set(state["layers"])
         if missing:
             raise KeyError(f"tracker state lacks layers: {sorted(missing)[:5]}")

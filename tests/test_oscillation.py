@@ -675,3 +675,66 @@ def test_observe_before_the_optimizer_step_equals_step_alone(per_channel):
         scale_driven += flips[0]
     assert scale_driven > 0  # the attribution was exercised
     assert runs[1][1].summary()["frozen_frac"] > 0.01
+
+
+def test_flip_attribution_across_layers_of_different_bits_and_after_a_resume():
+    """Attribution is batched over layers: each index must get its own layer's scale entry and
+    grid bounds (a 3-bit layer before a 4-bit one: the 4-bit integers beyond 3 would clamp
+    wrongly), and a tracker restored from ``state_dict`` attributes its first update too."""
+    torch.manual_seed(2)
+    model = nn.Sequential(QuantLinear(16, 8, bias=False, weight_bits=3, per_channel=True),
+                          QuantLinear(8, 8, bias=False, weight_bits=4))
+    tracker = OscillationTracker(model, momentum=0.1, max_bits=4)
+    x = torch.randn(4, 16)
+
+    def forward():
+        model(x).sum().backward()
+        model.zero_grad()
+
+    for _ in range(2):
+        forward()
+        tracker.step()
+    assert model[1].weight_int().abs().max() > 3  # the 4-bit layer uses its wider grid
+    with torch.no_grad():
+        for layer in model:
+            layer.weight_quantizer.scale.mul_(1.15)
+    forward()
+    tracker.step()
+    scale_driven, total = tracker.pop_flip_stats()
+    assert total > 20 and scale_driven == total
+    resumed = OscillationTracker(model, momentum=0.1, max_bits=4)
+    resumed.load_state_dict(tracker.state_dict())
+    with torch.no_grad():
+        model[1].weight_quantizer.scale.mul_(0.85)
+    forward()
+    resumed.step()
+    scale_driven, total = resumed.pop_flip_stats()
+    assert total > 5 and scale_driven == total
+
+
+def test_freezing_reaches_frozen_buffers_replaced_after_the_tracker_was_built():
+    """The tracker marks frozen weights in flat tensors that the layers' ``frozen_mask`` and
+    ``frozen_int`` view; a layer whose buffers were replaced later (``model.to``, an assignment)
+    must still get its new frozen weights, and keep what its new buffers held."""
+    model = nn.Sequential(QuantLinear(2, 2, bias=False, weight_bits=4), QuantLinear(2, 2, bias=False, weight_bits=4))
+    tracker = OscillationTracker(model, momentum=0.5)
+    a, b = model
+
+    def feed(ints, threshold=0.0):
+        for layer in model:
+            layer.last_weight_int = torch.tensor(ints, dtype=torch.float32)
+        tracker.step(freeze_threshold=threshold)
+
+    feed([[0, 1], [0, 1]])
+    feed([[1, 0], [1, 0]])
+    feed([[0, 1], [0, 1]])
+    mask, ints = torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.int8)
+    mask[1, 1], ints[1, 1] = True, 5
+    b.frozen_mask, b.frozen_int = mask, ints  # new tensors, not the tracker's views
+    b.refresh_frozen()
+    feed([[1, 0], [1, 0]], threshold=0.2)
+    for layer in model:
+        assert layer.frozen_mask.all()
+        assert sorted(layer.frozen_idx.tolist()) == [0, 1, 2, 3]
+    assert b.frozen_int[1, 1].item() == 5  # the hand-set integer stays
+    assert b.weight_int()[1, 1].item() == 5 and a.weight_int()[0, 0].item() == b.weight_int()[0, 0].item()
