@@ -158,3 +158,30 @@ def test_campaign_base_passes_compile_to_its_trials():
                                     "dataset": "digits", "base": {"compile": True}})
     assert camp.train_config(camp.targets[0], {"method": "lsq"}).compile is True
     assert camp.train_config(camp.targets[0], {}).model_dump()["compile"] is True
+
+
+def test_compiled_per_tensor_scale_gradient_on_a_channels_last_input_equals_eager():
+    """A graph computes a per-tensor scale's gradient as one reduction in memory order (the flat
+    dot eager uses walks a channels-last tensor in logical order: a slow scalar loop in Inductor);
+    the gradients must still equal eager's."""
+    from oscqat.quantizer import LSQQuantizer
+
+    torch.manual_seed(3)
+    q = LSQQuantizer(4, signed=None, per_channel=False)
+    x = torch.randn(4, 8, 6, 6).abs().to(memory_format=torch.channels_last)
+    q(x)  # calibrates
+    weight = torch.randn(4, 8, 6, 6)
+
+    def loss(inp):
+        return (q(inp) * weight).sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", dynamic=False)):
+        q.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        fn(inp).backward()
+        grads.append((q.scale.grad.clone(), inp.grad.clone()))
+    (s_eager, x_eager), (s_graph, x_graph) = grads
+    assert float(s_eager.abs()) > 0
+    torch.testing.assert_close(s_graph, s_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_graph, x_eager)
