@@ -335,7 +335,7 @@ class OscillationTracker:
             segments.append((a, b))
         if not take:
             return
-        if len(segments) == len(cuts) - 1 or sum(b - a for a, b in segments) == moved.numel():
+        if sum(b - a for a, b in segments) == moved.numel():  # every moved index is attributed
             idx = moved
         else:
             idx = torch.cat([moved[a:b] for a, b in segments])
@@ -445,12 +445,11 @@ class OscillationTracker:
         c = self._constants(new_idx.device)
         old_prev = self._prev[new_idx]
         targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
-        lid = None
+        lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)  # each index's layer
         shared = self._bounds()[0]
         if shared is not None:
             targets.clamp_(*shared)
         else:
-            lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)
             targets = torch.clamp(targets, c["lo"][lid], c["hi"][lid])
         # Frozen from the next forward on, the integer never moves again: frequency 0, and the
         # history restarts at the pinned value, so the jump to it is no oscillation.
@@ -459,8 +458,6 @@ class OscillationTracker:
         self._frozen_mask.index_fill_(0, new_idx, True)
         self._frozen_int.index_copy_(0, new_idx, targets.to(torch.int8))
         cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
-        if lid is None:
-            lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)
         local = new_idx - c["starts"][lid]  # indices relative to each one's layer
         for i, layer in enumerate(self._layer_list):
             a, b = cuts[i], cuts[i + 1]

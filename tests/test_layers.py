@@ -230,6 +230,9 @@ def test_frozen_latent_is_taken_at_freeze_time_and_restored():
     layer.freeze_weights(torch.tensor([1, 7]), torch.tensor([0.0, 3.0]))  # 1 is frozen already: skipped
     assert layer.frozen_idx.tolist() == [4, 1, 7]
     assert layer.frozen_vals.tolist() == [2.0, -1.0, 3.0]
+    fresh = QuantLinear(6, 3, weight_bits=3)
+    assert fresh.freeze_weights(torch.tensor([], dtype=torch.long), torch.tensor([])).numel() == 0
+    assert not fresh._any_frozen and fresh.frozen_idx is None  # nothing to freeze: still none frozen
     assert torch.equal(layer.frozen_latent, w0.view(-1)[[4, 1, 7]])
     with torch.no_grad():
         layer.weight.add_(1.0)  # an optimizer step's drift
