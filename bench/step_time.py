@@ -7,9 +7,12 @@ a shared VM) cancels; the ratio of the medians is reported alongside.
 
 With ``--compile`` it adds the same step with forward and backward through torch.compile
 (``TrainConfig.compile``: ``oscqat.compiled.CompiledForward``) for fp32, lsq and full; the
-compilation happens in the warm-up and is reported (``compile_s``), not timed.
+compilation happens in the warm-up and is reported (``compile_s``), not timed. ``--variants``
+runs a comma-separated subset, including the diagnostic compiled lsq+dampen and compiled
+lsq+track+freeze that split the compiled full step's overhead into its remedies.
 
     python bench/step_time.py [--json FILE] [--rounds 15] [--threads 2] [--compile]
+                              [--variants "compiled lsq,compiled full"]
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ VARIANTS = {
     "lsq (A/A control)": (True, False, False, False),  # a second plain-LSQ model: the noise floor
 }
 COMPILED_VARIANTS = {"compiled fp32": "fp32", "compiled lsq": "lsq", "compiled full": "full"}  # --compile
+# where a compiled full step's extra time goes (only with --variants)
+DIAGNOSTIC_VARIANTS = {"compiled lsq+dampen": "lsq+dampen", "compiled lsq+track+freeze": "lsq+track+freeze"}
 
 
 RATIOS = {  # name: (numerator, denominator)
@@ -57,6 +62,8 @@ COMPILED_RATIOS = {
     "compiled_fp32_over_fp32": ("compiled fp32", "fp32"),
     "compiled_lsq_over_lsq": ("compiled lsq", "lsq"),
     "compiled_full_over_full": ("compiled full", "full"),
+    "compiled_dampen_over_compiled_lsq": ("compiled lsq+dampen", "compiled lsq"),
+    "compiled_track_freeze_over_compiled_lsq": ("compiled lsq+track+freeze", "compiled lsq"),
 }
 # where a step's time goes: forward (with the loss and dampening), backward, the two optimizer
 # steps, and the tracker (its update, freezing and pinning; compiled, observe() plus step())
@@ -67,8 +74,9 @@ TARGETS = {"full_over_lsq": 1.05, "lsq_over_fp32": 1.5, "compiled_lsq_over_compi
 
 class Variant:
     def __init__(self, name: str, bits: int, batch: int, size: int, seed: int = 0):
-        compiled = name in COMPILED_VARIANTS
-        quantized, self.track, self.freeze, self.dampen = VARIANTS[COMPILED_VARIANTS.get(name, name)]
+        kinds = {**COMPILED_VARIANTS, **DIAGNOSTIC_VARIANTS}
+        compiled = name in kinds
+        quantized, self.track, self.freeze, self.dampen = VARIANTS[kinds.get(name, name)]
         torch.manual_seed(seed)
         self.model = create_model("mobilenet_v2", num_classes=10)  # same seed: same weights for all
         if quantized:
@@ -128,9 +136,9 @@ class Variant:
 
 
 def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_round: int,
-        compile: bool = False) -> dict:
-    names = list(VARIANTS) + (list(COMPILED_VARIANTS) if compile else [])
-    ratios = {**RATIOS, **(COMPILED_RATIOS if compile else {})}
+        compile: bool = False, only: list[str] | None = None) -> dict:
+    names = only or list(VARIANTS) + (list(COMPILED_VARIANTS) if compile else [])
+    ratios = {key: pair for key, pair in {**RATIOS, **COMPILED_RATIOS}.items() if set(pair) <= set(names)}
     variants = {name: Variant(name, bits, batch, size) for name in names}
     compile_s = {}
     for name, v in variants.items():
@@ -162,16 +170,17 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
 
     frozen = {name: variants[name].tracker.summary()["frozen_frac"] for name in ("full", "compiled full")
               if name in variants}
-    for name in COMPILED_VARIANTS:  # freezing never recompiled the graph during the timed rounds
-        if name in variants and variants[name].compiled.graphs_compiled != 1:
+    for name, v in variants.items():  # freezing never recompiled the graph during the timed rounds
+        if v.compiled is not None and v.compiled.graphs_compiled != 1:
             raise RuntimeError(f"{name} recompiled: {variants[name].compiled.graphs_compiled} graphs")
     return {
         "median_step_s": med,
         "median_phase_s": phases,
         "ratios": {key: paired(num, den) for key, (num, den) in ratios.items()},
         "ratios_of_medians": {key: med[num] / med[den] for key, (num, den) in ratios.items()},
-        "full_variant_frozen_frac": frozen["full"],
-        **({"compiled_full_variant_frozen_frac": frozen["compiled full"], "compile_s": compile_s} if compile else {}),
+        **({"full_variant_frozen_frac": frozen["full"]} if "full" in frozen else {}),
+        **({"compiled_full_variant_frozen_frac": frozen["compiled full"]} if "compiled full" in frozen else {}),
+        **({"compile_s": compile_s} if compile_s else {}),
     }
 
 
@@ -186,33 +195,42 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--compile", action="store_true", help="add compiled fp32, lsq and full variants")
+    known = [*VARIANTS, *COMPILED_VARIANTS, *DIAGNOSTIC_VARIANTS]
+    ap.add_argument("--variants", help="comma-separated subset to run (ratios whose two sides both ran); "
+                    f"one of: {', '.join(known)}")
     args = ap.parse_args()
+    only = None
+    if args.variants:
+        only = [name.strip() for name in args.variants.split(",") if name.strip()]
+        unknown = [name for name in only if name not in known]
+        if unknown or not only:
+            ap.error(f"--variants: unknown {unknown or 'empty list'}; choose from {known}")
     loadavg_before = loadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compile and args.warmup < 2:
+    if (args.compile or any(name.startswith("compiled") for name in only or [])) and args.warmup < 2:
         ap.error("--compile needs --warmup >= 2 (the first compiles, the rest are timed warm)")
-    res = run(args.rounds, args.warmup, args.bits, args.batch, args.size, args.steps_per_round, args.compile)
+    res = run(args.rounds, args.warmup, args.bits, args.batch, args.size, args.steps_per_round, args.compile, only)
     res["setup"] = {"model": "mobilenet_v2", "input": f"{args.batch}x3x{args.size}x{args.size}",
                     "bits": f"w{args.bits}a{args.bits}", "rounds": args.rounds, "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                     "cpus": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "loadavg_before": loadavg_before}
     targets = TARGETS
-    print(f"{'variant':<20}{'median step (ms)':>18}")
+    print(f"{'variant':<28}{'median step (ms)':>18}")
     for name, t in res["median_step_s"].items():
-        print(f"{name:<20}{t * 1000:>18.1f}")
-    print(f"\n{'median per phase (ms)':<20}" + "".join(f"{phase:>11}" for phase in PHASES))
+        print(f"{name:<28}{t * 1000:>18.1f}")
+    print(f"\n{'median per phase (ms)':<28}" + "".join(f"{phase:>11}" for phase in PHASES))
     for name, phases in res["median_phase_s"].items():
-        print(f"{name:<20}" + "".join(f"{phases[phase] * 1000:>11.1f}" for phase in PHASES))
+        print(f"{name:<28}" + "".join(f"{phases[phase] * 1000:>11.1f}" for phase in PHASES))
     print("\ncontrol_over_lsq compares two identical plain-LSQ models: its distance from 1.000 is")
     print("this run's noise floor (memory layout, host noise) for every other ratio.")
     print()
-    print(f"{'ratio':<34}{'paired':>8}{'of medians':>12}")
+    print(f"{'ratio':<42}{'paired':>8}{'of medians':>12}")
     for key, value in res["ratios"].items():
         target = targets.get(key)
         verdict = "" if target is None else ("  (target <= %.2f: %s)" % (target, "met" if value <= target else "MISSED"))
-        print(f"{key:<34}{value:>8.3f}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
+        print(f"{key:<42}{value:>8.3f}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
     res["setup"]["loadavg_after"] = loadavg()
     if args.json:
         with open(args.json, "w") as fh:

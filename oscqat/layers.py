@@ -57,6 +57,9 @@ class QuantMixin:
         self._any_frozen = False
         self.fuse_dampening = False  # compute the dampening sum inside the quantizer's pass
         self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
+        # set by an OscillationTracker: the integer type its buffers use (a compiled forward's
+        # last_weight_int comes out in it); None while no tracker watches this layer
+        self.tracked_int_dtype: torch.dtype | None = None
         self.last_damp: torch.Tensor | None = None  # dampening sum of the latest forward (fused)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -103,15 +106,35 @@ class QuantMixin:
     def _append_frozen(self, flat_idx: torch.Tensor, ints: torch.Tensor) -> None:
         """Add weights (not yet frozen; the dense mask and integers already marked) to the
         sparse index, pinning each to its current latent value. ``ints``: float32 integers.
-        Touches buffers and the weight through ``detach()`` only: no ``no_grad`` needed."""
+
+        The three sparse buffers are views into tensors with spare room, grown by doubling: an
+        append writes only the new entries (a concatenation would copy every frozen entry again
+        at each of the thousands of steps that freeze a few more). Touches buffers and the weight
+        through ``detach()`` only: no ``no_grad`` needed."""
         buffers = self._buffers
-        latent = self._parameters["weight"].detach().reshape(-1).index_select(0, flat_idx)
-        if buffers["frozen_idx"] is None:
-            buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = flat_idx, ints, latent
-        else:
-            buffers["frozen_idx"] = torch.cat([buffers["frozen_idx"], flat_idx])
-            buffers["frozen_vals"] = torch.cat([buffers["frozen_vals"], ints])
-            buffers["frozen_latent"] = torch.cat([buffers["frozen_latent"], latent])
+        k = flat_idx.numel()
+        views = self.__dict__.get("_frozen_room")  # (idx, vals, latent) full-capacity tensors
+        current = (buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"])
+        n = 0 if current[0] is None else current[0].numel()
+        last = self.__dict__.get("_frozen_views")  # the buffers as the latest append left them
+        replaced = last is None or any(a is not b for a, b in zip(last, current))
+        if views is None or replaced or views[0].numel() < n + k:
+            room = max(2 * (n + k), 64)
+            weight = self._parameters["weight"]
+            views = (torch.empty(room, dtype=torch.int64, device=flat_idx.device),
+                     torch.empty(room, dtype=torch.float32, device=flat_idx.device),
+                     torch.empty(room, dtype=weight.dtype, device=weight.device))
+            if n:
+                for full, old in zip(views, current):
+                    full[:n].copy_(old)
+            self.__dict__["_frozen_room"] = views
+        idx_room, vals_room, latent_room = views
+        idx_room[n:n + k].copy_(flat_idx)
+        vals_room[n:n + k].copy_(ints)
+        torch.index_select(self._parameters["weight"].detach().reshape(-1), 0, flat_idx, out=latent_room[n:n + k])
+        current = idx_room[:n + k], vals_room[:n + k], latent_room[:n + k]
+        buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = current
+        self.__dict__["_frozen_views"] = current
         self.__dict__["_any_frozen"] = True
 
     @property
@@ -131,6 +154,10 @@ class QuantMixin:
             frozen = self.frozen_idx, self.frozen_vals
         w_hat, w_int, damp = self.weight_quantizer.quantize_with_dampening(self.weight, *frozen, want_damp=want_damp)
         if remember:  # the forward's integers, read by the tracker and the dampening loss
+            if self.tracked_int_dtype is not None and torch.compiler.is_compiling():
+                # a graph output in the tracker's type: a quarter of float32's writes at int8,
+                # and the tracker gathers them with one concatenation, no cast
+                w_int = w_int.to(self.tracked_int_dtype)
             self.last_weight_int = w_int
             self.last_damp = damp if want_damp else None
         return w_hat, w_int

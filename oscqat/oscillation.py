@@ -65,7 +65,7 @@ class _LayerState:
         if t._prev is None:
             return None
         t._normalise()
-        return self._view(t._prev + t._ema_dev)
+        return self._view(t._ema_dev.add(t._prev))
 
     @property
     def frozen_latent(self) -> torch.Tensor | None:
@@ -144,7 +144,17 @@ class OscillationTracker:
         device = next(iter(self.layers.values())).weight.device if self.layers else torch.device("cpu")
         self._freq = torch.zeros(offset, device=device)  # frequency EMA / _decay
         self._last_dir = torch.zeros(offset, device=device)  # sign of the last integer change
-        self._prev: torch.Tensor | None = None  # integers of the previous step
+        # Integers are kept in the smallest integer type that holds every tracked grid, in
+        # buffers padded to whole 8-byte words: finding the few that changed is then one
+        # comparison of int64 words (8 weights each at int8) and a search inside the hit words.
+        bits = max((layer.weight_bits for layer in self._layer_list), default=8)
+        self._int_dtype = torch.int8 if bits <= 7 else torch.int16
+        per_word = 8 // torch.tensor([], dtype=self._int_dtype).element_size()
+        self._padded = -(-offset // per_word) * per_word
+        self._per_word = per_word
+        for layer in self._layer_list:  # a compiled forward hands over its integers in this type
+            layer.__dict__["tracked_int_dtype"] = self._int_dtype
+        self._prev: torch.Tensor | None = None  # integers of the previous step (``_int_dtype``)
         self._ema_dev: torch.Tensor | None = None  # (integer EMA - prev) / _decay
         self._decay = 1.0
         # Every non-frozen scaled frequency is <= _cleared (the last scaled threshold every weight
@@ -154,7 +164,6 @@ class OscillationTracker:
         self._flipped: torch.Tensor | None = None  # flat indices that oscillated in the last update
         self._dense_moves = True  # last update moved many integers: find them with one nonzero
         self._spare: torch.Tensor | None = None  # the buffer the next step's integers go into
-        self._delta: torch.Tensor | None = None  # scratch for the integer change
         self.steps = 0
         for layer in self.layers.values():  # keep x / s and s of each training forward (references)
             layer.weight_quantizer.record_forward = True
@@ -196,7 +205,9 @@ class OscillationTracker:
         """All layers' latest forward integers as one flat tensor, and the layers that had none.
 
         The flat tensor is one of two buffers kept across steps (the other holds ``_prev``):
-        a fresh multi-megabyte tensor per step costs page faults that outweigh the copy.
+        a fresh multi-megabyte tensor per step costs page faults that outweigh the copy. A
+        compiled forward already hands over ``_int_dtype`` integers (one concatenation); an
+        eager one float integers, cast on the copy into the buffer.
         """
         parts, missing = [], []
         for name, layer in self.layers.items():
@@ -213,14 +224,23 @@ class OscillationTracker:
         device = parts[0].device
         if self._freq.device != device:  # the model moved after the tracker was built
             self._freq, self._last_dir = self._freq.to(device), self._last_dir.to(device)
-            if self._prev is not None:
-                self._prev, self._ema_dev = self._prev.to(device), self._ema_dev.to(device)
+            if self._prev is not None:  # onto a padded buffer again (see _int_buffer)
+                self._prev, self._ema_dev = self._int_buffer(device).copy_(self._prev), self._ema_dev.to(device)
             if self._s_prev is not None:
                 self._s_prev = self._s_prev.to(device)
-            self._spare = self._delta = None
+            self._spare = None
         if self._spare is None or self._spare is self._prev:
-            self._spare = torch.empty(self.numel, device=device)
-        return torch.cat(parts, out=self._spare), missing
+            self._spare = self._int_buffer(device)
+        if all(part.dtype == self._int_dtype for part in parts):
+            return torch.cat(parts, out=self._spare), missing
+        for part, lo, hi in zip(parts, self._starts, self._starts[1:]):
+            self._spare[lo:hi].copy_(part)
+        return self._spare, missing
+
+    def _int_buffer(self, device: torch.device) -> torch.Tensor:
+        """A flat ``_int_dtype`` buffer of ``numel`` integers on storage padded (with zeros) to
+        whole 8-byte words, see ``_moved``."""
+        return torch.zeros(self._padded, dtype=self._int_dtype, device=device)[:self.numel]
 
     @torch.no_grad()
     def observe(self) -> None:
@@ -367,46 +387,41 @@ class OscillationTracker:
         self._flips_scale, self._flips_total = None, 0
         return scale, total
 
-    def _moved(self, delta: torch.Tensor) -> torch.Tensor:
-        """Sorted flat indices where ``delta != 0``.
+    def _moved(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Sorted flat indices where ``x != prev`` (two ``_int_buffer`` tensors).
 
         Usually about 0.1% of the integers move per step; a full ``nonzero`` then costs several
-        times more than finding the 64-element blocks that hold a move and searching only those.
-        The block search is used while the moves stay sparse.
+        times more than comparing the buffers as int64 words (their zero padding is equal) and
+        searching only the words that differ. The word search is used while the moves stay sparse.
         """
-        if self._dense_moves or delta.numel() < 1 << 16:
-            moved = torch.nonzero(delta).squeeze(1)
+        if self._dense_moves or x.numel() < 1 << 16:
+            moved = torch.nonzero(x != prev).squeeze(1)
         else:
-            block = 64
-            cut = delta.numel() // block * block
-            blocks = delta[:cut].view(-1, block)
-            # the 2-norm is the fastest row reduction here (aminmax or abs().amax() cost 2-10x)
-            hit = torch.nonzero(torch.linalg.vector_norm(blocks, dim=1)).squeeze(1)
-            local = torch.nonzero(blocks[hit])
-            moved = torch.cat([hit[local[:, 0]] * block + local[:, 1],
-                               torch.nonzero(delta[cut:]).squeeze(1) + cut])
-        self._dense_moves = moved.numel() * 256 > delta.numel()
+            k = self._per_word
+            words_x = x.as_strided((self._padded // k, k), (k, 1))
+            words_prev = prev.as_strided((self._padded // k, k), (k, 1))
+            hit = torch.nonzero(words_x.view(torch.int64) != words_prev.view(torch.int64))[:, 0]
+            local = torch.nonzero(words_x[hit] != words_prev[hit])
+            moved = hit[local[:, 0]] * k + local[:, 1]
+        self._dense_moves = moved.numel() * 256 > x.numel()
         return moved
 
     def _update(self, x: torch.Tensor, missing: list[str], live: bool = False,
                 s_now: torch.Tensor | None = None) -> None:
         if self._prev is None:
-            self._prev, self._ema_dev = x, torch.zeros_like(x)
+            self._prev, self._ema_dev = x, torch.zeros(x.shape, device=x.device)
             return
         kept = {name: (self.states[name]._slice, self._freq[self.states[name]._slice].clone(),
                        self._last_dir[self.states[name]._slice].clone(),
                        self._ema_dev[self.states[name]._slice].clone()) for name in missing}
-        if self._delta is None or self._delta.device != x.device:
-            self._delta = torch.empty_like(x)
-        delta = torch.sub(x, self._prev, out=self._delta)
-        moved = self._moved(delta)
+        moved = self._moved(x, self._prev)
         if moved.numel():
             self._attribute(moved, missing, live, s_now)
         m = self.momentum
         old_decay = self._decay
         self._decay *= 1.0 - m
         if moved.numel():
-            step = delta[moved]
+            step = x[moved].float().sub_(self._prev[moved])
             direction = step.sign()
             flipped = moved[direction * self._last_dir[moved] < 0]
             # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1
@@ -443,7 +458,7 @@ class OscillationTracker:
         layers they sit in, not with the model, so freezing a few weights every step stays cheap.
         """
         c = self._constants(new_idx.device)
-        old_prev = self._prev[new_idx]
+        old_prev = self._prev[new_idx].float()
         targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
         lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)  # each index's layer
         shared = self._bounds()[0]
@@ -464,7 +479,7 @@ class OscillationTracker:
             if a != b:
                 layer._append_frozen(local[a:b], targets[a:b])
                 self.states[self._names[i]]._seen_idx = layer._buffers["frozen_idx"]
-        self._prev[new_idx] = targets
+        self._prev[new_idx] = targets.to(self._int_dtype)
         self._ema_dev[new_idx] -= (targets - old_prev) / self._decay  # the EMA itself is unchanged
 
     def _bounds(self):
@@ -581,8 +596,10 @@ class OscillationTracker:
         self._decay = 1.0
         self._cleared = float("inf")
         if any(has_prev):
-            self._prev = torch.cat([layer.weight_int().reshape(-1) for layer in self.layers.values()])
-            self._ema_dev = torch.zeros_like(self._prev)
+            self._prev = self._int_buffer(self._freq.device)
+            for layer, lo, hi in zip(self._layer_list, self._starts, self._starts[1:]):
+                self._prev[lo:hi].copy_(layer.weight_int().reshape(-1))
+            self._ema_dev = torch.zeros(self.numel, device=self._freq.device)
         else:
             self._prev = self._ema_dev = None
         for name, st in self.states.items():

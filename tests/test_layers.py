@@ -245,3 +245,29 @@ def test_frozen_latent_is_taken_at_freeze_time_and_restored():
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other.frozen_latent, w0.view(-1)[[1, 4, 7]])  # rebuilt in index order
     assert torch.equal(other.weight_int(), layer.weight_int())
+
+
+def test_freezing_in_many_small_steps_keeps_every_entry():
+    """The sparse buffers grow in place (spare room, doubled when full): hundreds of appends,
+    a buffer replaced by a load in between, must leave exactly the concatenation."""
+    torch.manual_seed(0)
+    layer = QuantConv2d(8, 8, 3, weight_bits=4)
+    layer.weight_int()
+    order = torch.randperm(layer.weight.numel())
+    w0 = layer.weight.detach().reshape(-1).clone()
+    expect_idx, expect_vals = [], []
+    for step, chunk in enumerate(order[:400].split(3)):
+        vals = torch.full((chunk.numel(),), float(step % 15 - 7))
+        layer.freeze_weights(chunk, vals)
+        expect_idx += chunk.tolist()
+        expect_vals += vals.tolist()
+        if step == 60:  # a resume replaces the buffers with ones rebuilt in index order
+            layer.load_state_dict(layer.state_dict())
+            pairs = sorted(zip(expect_idx, expect_vals))
+            expect_idx, expect_vals = [i for i, _ in pairs], [v for _, v in pairs]
+    assert layer.frozen_idx.tolist() == expect_idx
+    assert layer.frozen_vals.tolist() == expect_vals
+    assert torch.equal(layer.frozen_latent, w0[expect_idx])
+    assert int(layer.frozen_mask.sum()) == len(expect_idx)
+    flat_int = layer.frozen_int.reshape(-1)
+    assert flat_int[expect_idx].tolist() == expect_vals

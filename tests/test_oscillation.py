@@ -146,19 +146,19 @@ def test_tracker_matches_a_dense_reference_over_a_long_random_walk():
 
 
 def test_sparse_move_search_matches_the_dense_reference():
-    """Large layers with few moves take the block search for moved integers; it must find every
-    move, in the tail past the last full block and at block edges too."""
+    """Large layers with few moves take the word search for moved integers (int64 words of the
+    padded int8 buffers); it must find every move, in the last, padded word and at word edges."""
     torch.manual_seed(1)
     model = nn.Sequential(QuantLinear(300, 257, bias=False, weight_bits=4), QuantLinear(7, 3, bias=False, weight_bits=4))
     numel = sum(layer.weight.numel() for layer in model)
-    assert numel >= 1 << 16 and numel % 64  # big enough for the block search, with a tail
+    assert numel >= 1 << 16 and numel % 8  # big enough for the word search, with a padded last word
     m = 0.2
     tracker = OscillationTracker(model, momentum=m)
     shapes = [layer.weight.shape for layer in model]
     ints = [torch.zeros(sh) for sh in shapes]
     ref = [_DenseReference(sh, m) for sh in shapes]
-    edges = torch.tensor([0, 63, 64, 127, 128, 77099])  # block edges and the big layer's last weight
-    used_block_search = False
+    edges = torch.tensor([0, 7, 8, 63, 64, 127, 128, 77099])  # word edges and the big layer's last weight
+    used_word_search = False
     for step in range(30):
         for i, layer in enumerate(model):
             moves = torch.randint(-1, 2, shapes[i]) * (torch.rand(shapes[i]) < 0.002)
@@ -169,11 +169,11 @@ def test_sparse_move_search_matches_the_dense_reference():
             ints[i] = (ints[i] + moves).clamp(-8, 7)
             layer.last_weight_int = ints[i].clone()
             ref[i].step(ints[i])
-        used_block_search |= not tracker._dense_moves
+        used_word_search |= not tracker._dense_moves
         tracker.step()
         for name, r in zip(("0", "1"), ref):
             r.check(tracker.states[name])
-    assert used_block_search, "the moves were never sparse enough to test the block search"
+    assert used_word_search, "the moves were never sparse enough to test the word search"
     assert float(tracker.states["0"].freq.view(-1)[edges].min()) > 0.2
 
 
