@@ -84,7 +84,8 @@ class QuantMixin:
         the tracker calls it for every frozen layer at every step."""
         if self._any_frozen:
             buffers = self._buffers
-            self._parameters["weight"].detach().view(-1).index_copy_(0, buffers["frozen_idx"], buffers["frozen_latent"])
+            # scatter_: about 3x faster than index_copy_ on a CPU (unique indices: the same result)
+            self._parameters["weight"].detach().view(-1).scatter_(0, buffers["frozen_idx"], buffers["frozen_latent"])
 
     def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Pin the weights at ``flat_idx`` to the integers ``ints``, updating the sparse index
@@ -113,28 +114,28 @@ class QuantMixin:
         through ``detach()`` only: no ``no_grad`` needed."""
         buffers = self._buffers
         k = flat_idx.numel()
-        views = self.__dict__.get("_frozen_room")  # (idx, vals, latent) full-capacity tensors
-        current = (buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"])
-        n = 0 if current[0] is None else current[0].numel()
-        last = self.__dict__.get("_frozen_views")  # the buffers as the latest append left them
-        replaced = last is None or any(a is not b for a, b in zip(last, current))
-        if views is None or replaced or views[0].numel() < n + k:
-            room = max(2 * (n + k), 64)
+        idx, vals, latent = buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"]
+        n = 0 if idx is None else idx.numel()
+        room = self.__dict__.get("_frozen_room")  # (idx, vals, latent, the views handed out last)
+        # a buffer replaced since (a load, model.to, an assignment) or no room left: new room
+        if room is None or room[3][0] is not idx or room[3][1] is not vals or room[3][2] is not latent \
+                or room[0].numel() < n + k:
+            cap = max(2 * (n + k), 64)
             weight = self._parameters["weight"]
-            views = (torch.empty(room, dtype=torch.int64, device=flat_idx.device),
-                     torch.empty(room, dtype=torch.float32, device=flat_idx.device),
-                     torch.empty(room, dtype=weight.dtype, device=weight.device))
+            full = (torch.empty(cap, dtype=torch.int64, device=flat_idx.device),
+                    torch.empty(cap, dtype=torch.float32, device=flat_idx.device),
+                    torch.empty(cap, dtype=weight.dtype, device=weight.device))
             if n:
-                for full, old in zip(views, current):
-                    full[:n].copy_(old)
-            self.__dict__["_frozen_room"] = views
-        idx_room, vals_room, latent_room = views
+                for f, old in zip(full, (idx, vals, latent)):
+                    f[:n].copy_(old)
+            room = (*full, None)
+        idx_room, vals_room, latent_room = room[0], room[1], room[2]
         idx_room[n:n + k].copy_(flat_idx)
         vals_room[n:n + k].copy_(ints)
         torch.index_select(self._parameters["weight"].detach().reshape(-1), 0, flat_idx, out=latent_room[n:n + k])
-        current = idx_room[:n + k], vals_room[:n + k], latent_room[:n + k]
-        buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = current
-        self.__dict__["_frozen_views"] = current
+        views = idx_room[:n + k], vals_room[:n + k], latent_room[:n + k]
+        buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = views
+        self.__dict__["_frozen_room"] = (idx_room, vals_room, latent_room, views)
         self.__dict__["_any_frozen"] = True
 
     @property

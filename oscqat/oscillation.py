@@ -134,6 +134,10 @@ class OscillationTracker:
         # Per-layer constants for batched lookups over all layers: where each layer's scales
         # sit in the flat scale vector, how many weights share one scale entry, and the grid.
         quantizers = [layer.weight_quantizer for layer in self._layer_list]
+        # the hot loops read these plain dicts, not Module.__getattr__ (51 layers, twice a step)
+        self._quant_dicts = [q.__dict__ for q in quantizers]
+        self._quant_params = [q._parameters for q in quantizers]
+        self._weight_params = [layer._parameters for layer in self._layer_list]
         sizes = [q.scale.numel() for q in quantizers]
         self._scale_starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self._scale_shapes = [tuple(q._broadcast_scale(layer.weight).shape)
@@ -145,12 +149,13 @@ class OscillationTracker:
         self._freq = torch.zeros(offset, device=device)  # frequency EMA / _decay
         self._last_dir = torch.zeros(offset, device=device)  # sign of the last integer change
         # Integers are kept in the smallest integer type that holds every tracked grid, in
-        # buffers padded to whole 8-byte words: finding the few that changed is then one
-        # comparison of int64 words (8 weights each at int8) and a search inside the hit words.
+        # buffers padded to whole blocks of 8 words of 8 bytes: finding the few that changed is
+        # then one comparison of int64 words (8 weights each at int8) and searches inside the
+        # hit blocks and words (see _moved).
         bits = max((layer.weight_bits for layer in self._layer_list), default=8)
         self._int_dtype = torch.int8 if bits <= 7 else torch.int16
         per_word = 8 // torch.tensor([], dtype=self._int_dtype).element_size()
-        self._padded = -(-offset // per_word) * per_word
+        self._padded = -(-offset // (8 * per_word)) * 8 * per_word
         self._per_word = per_word
         for layer in self._layer_list:  # a compiled forward hands over its integers in this type
             layer.__dict__["tracked_int_dtype"] = self._int_dtype
@@ -161,7 +166,8 @@ class OscillationTracker:
         # was checked against), so while the scaled threshold does not drop below it, only the
         # weights that just flipped can cross it: freezing then costs no pass over all weights.
         self._cleared = 0.0
-        self._flipped: torch.Tensor | None = None  # flat indices that oscillated in the last update
+        # the last update's moved indices, and which of them oscillated (freeze candidates)
+        self._flipped: tuple[torch.Tensor, torch.Tensor] | None = None
         self._dense_moves = True  # last update moved many integers: find them with one nonzero
         self._spare: torch.Tensor | None = None  # the buffer the next step's integers go into
         self.steps = 0
@@ -255,12 +261,9 @@ class OscillationTracker:
         x, missing = self._gather_ints() if self.layers else (None, [])
         if x is not None:
             self._update(x, missing, live=True)
-        for layer in self._layer_list:
-            layer.__dict__["last_weight_int"] = None  # consumed
-            q = layer.weight_quantizer.__dict__
-            q["last_v"] = q["last_scale"] = None
+        self._consume()
         if x is not None:  # this forward's scales are the next update's "previous" ones
-            self._s_prev = self._flat_scales([layer.weight_quantizer.scale for layer in self._layer_list], missing)
+            self._s_prev = self._flat_scales([q["scale"] for q in self._quant_params], missing)
         self._observed = True
 
     @torch.no_grad()
@@ -279,7 +282,7 @@ class OscillationTracker:
             self._flipped = None
             x, missing = self._gather_ints() if self.layers else (None, [])
             if x is not None:
-                last = [layer.weight_quantizer.__dict__["last_scale"] for layer in self._layer_list]
+                last = [q["last_scale"] for q in self._quant_dicts]
                 if any(t is not None for t in last):
                     s_now = self._flat_scales(last, [n for n, t in zip(self.layers, last) if t is None])
                 self._update(x, missing, s_now=s_now)
@@ -287,9 +290,10 @@ class OscillationTracker:
             self._sync_hand_frozen()
             scaled = freeze_threshold / self._decay
             if scaled >= self._cleared:  # only weights that just flipped can have crossed it
-                new = self._flipped
-                if new is not None and new.numel():
-                    new = new[self._freq[new] > scaled]
+                new = None
+                if self._flipped is not None:
+                    moved, osc = self._flipped
+                    new = moved[osc.logical_and_(self._freq.index_select(0, moved) > scaled)]
             elif float(self._freq.max()) > scaled:
                 new = torch.nonzero(self._freq > scaled).squeeze(1)
             else:
@@ -303,18 +307,22 @@ class OscillationTracker:
         for layer in self._layer_list:
             if layer._any_frozen:
                 layer.restore_frozen_latent()
-            layer.__dict__["last_weight_int"] = None  # consumed: a forward must run before the next update
-            q = layer.weight_quantizer.__dict__  # plain attributes: skip Module.__setattr__ (52 layers a step)
-            q["last_v"] = q["last_scale"] = None
+        self._consume()
         if s_now is not None:  # this forward's scales are the next update's "previous" ones
             self._s_prev = s_now
         self.steps += 1
 
+    def _consume(self) -> None:
+        """Drop the latest forward's records: a forward must run before the next update."""
+        for layer, q in zip(self._layer_list, self._quant_dicts):
+            layer.__dict__["last_weight_int"] = None
+            q["last_v"] = q["last_scale"] = None
+
     def _flat_scales(self, scales: list, keep: list[str]) -> torch.Tensor:
         """All layers' scales as one flat, clamped vector (a copy); the layers named in ``keep``
         (or whose entry is None) keep their previous entries. Marks which layers have one."""
-        if not keep:
-            flat = torch.cat([t.detach().reshape(-1) for t in scales]).clamp_min_(SCALE_EPS)
+        if not keep:  # (under no_grad: no detach needed)
+            flat = torch.cat([t.reshape(-1) for t in scales]).clamp_min_(SCALE_EPS)
             self._has_s_prev = [True] * len(scales)
             return flat
         keep = set(keep)
@@ -348,7 +356,7 @@ class OscillationTracker:
             a, b = cuts[i], cuts[i + 1]
             if a == b or not self._has_s_prev[i]:
                 continue
-            src = layer.weight.detach() if live else layer.weight_quantizer.__dict__["last_v"]
+            src = self._weight_params[i]["weight"] if live else self._quant_dicts[i]["last_v"]
             if src is None or (missing and self._names[i] in missing):
                 continue
             take.append((src, i))
@@ -360,23 +368,23 @@ class OscillationTracker:
         else:
             idx = torch.cat([moved[a:b] for a, b in segments])
         lid = torch.searchsorted(c["starts"], idx, right=True).sub_(1)  # each index's layer
-        local = idx - c["starts"][lid]
-        pieces, pos = [], 0
-        for (src, i), (a, b) in zip(take, segments):
-            pieces.append(torch.take(src, local[pos:pos + b - a]))
-            pos += b - a
+        local = idx - c["starts"].index_select(0, lid)
+        locals_ = local.split([b - a for a, b in segments])  # one call, not a slice per layer
+        pieces = [src.reshape(-1).index_select(0, loc) for (src, _), loc in zip(take, locals_)]
         grid = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        entry = local.div_(c["per_scale"][lid], rounding_mode="floor").add_(c["scale_starts"][lid])
+        entry = local.div_(c["per_scale"].index_select(0, lid), rounding_mode="floor").add_(
+            c["scale_starts"].index_select(0, lid))
+        s_prev = self._s_prev.index_select(0, entry)
         if live:  # w_t / s_{t-1}
-            grid.div_(self._s_prev[entry])
+            grid.div_(s_prev)
         else:  # v_t * (s_t / s_{t-1})
-            grid.mul_(s_now[entry] / self._s_prev[entry])
+            grid.mul_(s_now.index_select(0, entry) / s_prev)
         shared = self._bounds()[0]
         if shared is not None:
             grid.clamp_(*shared)
         else:
-            grid = torch.clamp(grid, c["lo"][lid], c["hi"][lid])
-        same = (grid.round_() == self._prev[idx]).sum()
+            grid = torch.clamp(grid, c["lo"].index_select(0, lid), c["hi"].index_select(0, lid))
+        same = (grid.round_() == self._prev.index_select(0, idx)).sum()
         self._flips_total += idx.numel()
         self._flips_scale = same if self._flips_scale is None else self._flips_scale + same
 
@@ -392,7 +400,9 @@ class OscillationTracker:
 
         Usually about 0.1% of the integers move per step; a full ``nonzero`` then costs several
         times more than comparing the buffers as int64 words (their zero padding is equal) and
-        searching only the words that differ. The word search is used while the moves stay sparse.
+        searching only the words that differ. The word flags are searched the same way, as
+        int64 blocks of 8 flags (a ``nonzero`` over all word flags alone costs twice the rest).
+        The word search is used while the moves stay sparse.
         """
         if self._dense_moves or x.numel() < 1 << 16:
             moved = torch.nonzero(x != prev).squeeze(1)
@@ -400,9 +410,12 @@ class OscillationTracker:
             k = self._per_word
             words_x = x.as_strided((self._padded // k, k), (k, 1))
             words_prev = prev.as_strided((self._padded // k, k), (k, 1))
-            hit = torch.nonzero(words_x.view(torch.int64) != words_prev.view(torch.int64))[:, 0]
-            local = torch.nonzero(words_x[hit] != words_prev[hit])
-            moved = hit[local[:, 0]] * k + local[:, 1]
+            flags = (words_x.view(torch.int64) != words_prev.view(torch.int64)).view(-1)
+            blocks = torch.nonzero(flags.view(torch.int64)).squeeze(1)  # blocks of 8 words with a hit
+            sub = torch.nonzero(flags.view(-1, 8).index_select(0, blocks))
+            hit = blocks.index_select(0, sub[:, 0]).mul_(8).add_(sub[:, 1])
+            local = torch.nonzero(words_x.index_select(0, hit) != words_prev.index_select(0, hit))
+            moved = hit.index_select(0, local[:, 0]).mul_(k).add_(local[:, 1])
         self._dense_moves = moved.numel() * 256 > x.numel()
         return moved
 
@@ -421,15 +434,16 @@ class OscillationTracker:
         old_decay = self._decay
         self._decay *= 1.0 - m
         if moved.numel():
-            step = x[moved].float().sub_(self._prev[moved])
+            # index_select / scatter_ / index_add_: 2-4x faster on a CPU than x[idx] and x[idx] = v
+            step = x.index_select(0, moved).float().sub_(self._prev.index_select(0, moved))
             direction = step.sign()
-            flipped = moved[direction * self._last_dir[moved] < 0]
-            # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1
-            self._freq[flipped] += m / self._decay
-            self._flipped = flipped
-            self._last_dir[moved] = direction
+            osc = direction * self._last_dir.index_select(0, moved) < 0
+            # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1 (adds 0 elsewhere)
+            self._freq.index_add_(0, moved, osc.float().mul_(m / self._decay))
+            self._flipped = moved, osc
+            self._last_dir.scatter_(0, moved, direction)
             # x_ema_t - x_t = (1-m) (x_ema_{t-1} - x_{t-1} - delta)  <=>  _ema_dev -= delta / decay_{t-1}
-            self._ema_dev[moved] -= step / old_decay
+            self._ema_dev.index_add_(0, moved, step.div_(old_decay), alpha=-1)
         self._prev, self._spare = x, self._prev
         for sl, freq, last_dir, ema_dev in kept.values():  # a layer without a forward keeps its state
             self._freq[sl] = freq * (old_decay / self._decay)
@@ -458,29 +472,32 @@ class OscillationTracker:
         layers they sit in, not with the model, so freezing a few weights every step stays cheap.
         """
         c = self._constants(new_idx.device)
-        old_prev = self._prev[new_idx].float()
-        targets = torch.round(old_prev + self._ema_dev[new_idx] * self._decay)
+        old_prev = self._prev.index_select(0, new_idx).float()
+        targets = torch.round(old_prev + self._ema_dev.index_select(0, new_idx) * self._decay)
         lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)  # each index's layer
         shared = self._bounds()[0]
         if shared is not None:
             targets.clamp_(*shared)
         else:
-            targets = torch.clamp(targets, c["lo"][lid], c["hi"][lid])
+            targets = torch.clamp(targets, c["lo"].index_select(0, lid), c["hi"].index_select(0, lid))
         # Frozen from the next forward on, the integer never moves again: frequency 0, and the
         # history restarts at the pinned value, so the jump to it is no oscillation.
-        self._freq[new_idx] = 0.0
-        self._last_dir[new_idx] = 0.0
+        self._freq.index_fill_(0, new_idx, 0.0)
+        self._last_dir.index_fill_(0, new_idx, 0.0)
         self._frozen_mask.index_fill_(0, new_idx, True)
         self._frozen_int.index_copy_(0, new_idx, targets.to(torch.int8))
         cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
-        local = new_idx - c["starts"][lid]  # indices relative to each one's layer
-        for i, layer in enumerate(self._layer_list):
-            a, b = cuts[i], cuts[i + 1]
-            if a != b:
-                layer._append_frozen(local[a:b], targets[a:b])
-                self.states[self._names[i]]._seen_idx = layer._buffers["frozen_idx"]
-        self._prev[new_idx] = targets.to(self._int_dtype)
-        self._ema_dev[new_idx] -= (targets - old_prev) / self._decay  # the EMA itself is unchanged
+        counts = [b - a for a, b in zip(cuts, cuts[1:])]
+        local = new_idx - c["starts"].index_select(0, lid)  # indices relative to each one's layer
+        # one split per tensor, not two slices per touched layer
+        for layer, st, k, loc, ints in zip(self._layer_list, self.states.values(), counts,
+                                           local.split(counts), targets.split(counts)):
+            if k:
+                layer._append_frozen(loc, ints)
+                st._seen_idx = layer._buffers["frozen_idx"]
+        self._prev.scatter_(0, new_idx, targets.to(self._int_dtype))
+        # the EMA itself is unchanged
+        self._ema_dev.index_add_(0, new_idx, (targets - old_prev).div_(self._decay), alpha=-1)
 
     def _bounds(self):
         """``(shared (n, p) or None, per-layer list)``: one clamp when all layers share bits."""

@@ -147,7 +147,8 @@ def test_tracker_matches_a_dense_reference_over_a_long_random_walk():
 
 def test_sparse_move_search_matches_the_dense_reference():
     """Large layers with few moves take the word search for moved integers (int64 words of the
-    padded int8 buffers); it must find every move, in the last, padded word and at word edges."""
+    padded int8 buffers, their flags searched as blocks of 8 words); it must find every move, in
+    the last, padded word and at word and block edges."""
     torch.manual_seed(1)
     model = nn.Sequential(QuantLinear(300, 257, bias=False, weight_bits=4), QuantLinear(7, 3, bias=False, weight_bits=4))
     numel = sum(layer.weight.numel() for layer in model)
@@ -157,7 +158,8 @@ def test_sparse_move_search_matches_the_dense_reference():
     shapes = [layer.weight.shape for layer in model]
     ints = [torch.zeros(sh) for sh in shapes]
     ref = [_DenseReference(sh, m) for sh in shapes]
-    edges = torch.tensor([0, 7, 8, 63, 64, 127, 128, 77099])  # word edges and the big layer's last weight
+    # word (8) and block (64) edges, and the big layer's last weight
+    edges = torch.tensor([0, 7, 8, 63, 64, 127, 128, 511, 512, 77055, 77056, 77099])
     used_word_search = False
     for step in range(30):
         for i, layer in enumerate(model):
