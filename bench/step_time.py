@@ -32,6 +32,7 @@ from bench_common import loadavg
 from oscqat import OscillationTracker, QuantConfig, create_model, dampening_loss, quantize_model
 from oscqat.compiled import CompiledForward
 from oscqat.dampening import enable_fused_dampening
+from oscqat.stats import median_ci
 
 VARIANTS = {
     # name: (quantized, track, freeze, dampen)
@@ -165,8 +166,8 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
             del v.phases[phase][:warmup]
     phases = {name: {phase: statistics.median(v.phases[phase]) for phase in PHASES} for name, v in variants.items()}
 
-    def paired(num: str, den: str) -> float:
-        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    def per_round(num: str, den: str) -> list[float]:
+        return [a / b for a, b in zip(times[num], times[den])]
 
     frozen = {name: variants[name].tracker.summary()["frozen_frac"] for name in ("full", "compiled full")
               if name in variants}
@@ -176,11 +177,14 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
     return {
         "median_step_s": med,
         "median_phase_s": phases,
-        "ratios": {key: paired(num, den) for key, (num, den) in ratios.items()},
+        "ratios": {key: statistics.median(per_round(num, den)) for key, (num, den) in ratios.items()},
+        # distribution-free 95% interval of each paired median (None with under 6 rounds)
+        "ratios_ci95": {key: median_ci(per_round(num, den)) for key, (num, den) in ratios.items()},
         "ratios_of_medians": {key: med[num] / med[den] for key, (num, den) in ratios.items()},
         **({"full_variant_frozen_frac": frozen["full"]} if "full" in frozen else {}),
         **({"compiled_full_variant_frozen_frac": frozen["compiled full"]} if "compiled full" in frozen else {}),
         **({"compile_s": compile_s} if compile_s else {}),
+        "step_s_per_round": times,  # the raw data, in round order
     }
 
 
@@ -226,11 +230,17 @@ def main() -> None:
     print("\ncontrol_over_lsq compares two identical plain-LSQ models: its distance from 1.000 is")
     print("this run's noise floor (memory layout, host noise) for every other ratio.")
     print()
-    print(f"{'ratio':<42}{'paired':>8}{'of medians':>12}")
+    print(f"{'ratio':<42}{'paired':>8}{'95% CI':>16}{'of medians':>12}")
     for key, value in res["ratios"].items():
-        target = targets.get(key)
-        verdict = "" if target is None else ("  (target <= %.2f: %s)" % (target, "met" if value <= target else "MISSED"))
-        print(f"{key:<42}{value:>8.3f}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
+        target, ci = targets.get(key), res["ratios_ci95"][key]
+        verdict = ""
+        if target is not None:
+            verdict = "  (target <= %.2f: %s" % (target, "met" if value <= target else "MISSED")
+            if ci is not None and ci[0] <= target < ci[1]:
+                verdict += ", the interval spans it"
+            verdict += ")"
+        ci_text = "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+        print(f"{key:<42}{value:>8.3f}{ci_text:>16}{res['ratios_of_medians'][key]:>12.3f}{verdict}")
     res["setup"]["loadavg_after"] = loadavg()
     if args.json:
         with open(args.json, "w") as fh:

@@ -68,5 +68,21 @@ def paired_diff(a: dict, b: dict) -> PairedDiff:
     return PairedDiff(ms.mean, ms.std, ms.n, (ms.mean - half, ms.mean + half))
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free interval for the median: the order statistics ``x_(j)`` and
+    ``x_(n+1-j)`` with the largest ``j`` whose coverage ``1 - 2 P(Bin(n, 1/2) < j)`` is at least
+    ``level``. No assumption on the distribution (benchmark timings have heavy tails); None when
+    there are too few values for any such ``j`` (n < 6 at 95%)."""
+    from scipy.stats import binom
+
+    x = sorted(float(v) for v in values)
+    n = len(x)
+    alpha = (1.0 - level) / 2.0
+    j = 0
+    while j < n // 2 and binom.cdf(j, n, 0.5) <= alpha:  # P(B <= j) = P(B < j + 1)
+        j += 1
+    return None if j == 0 else (x[j - 1], x[n - j])
+
+
 def is_tie(a: float | None, b: float | None, tol: float = TIE_TOL) -> bool:
     return a is not None and b is not None and abs(a - b) <= tol

@@ -48,3 +48,14 @@ def test_confirm_winner_is_the_best_mean_and_ties_are_reported():
     best, ties = winner(summarise(rows))
     assert best.trial_id == "b" and ties == []
     assert is_tie(0.5, 0.5) and not is_tie(0.5, 0.5028) and not is_tie(None, 0.5)
+
+
+def test_median_ci_uses_the_binomial_order_statistics():
+    from oscqat.stats import median_ci
+
+    values = [float(v) for v in range(40, 0, -1)]  # 1..40, unsorted
+    assert median_ci(values) == (14.0, 27.0)  # the textbook ranks for n = 40 at 95%
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # even (x_1, x_5) covers only 93.75%
+    assert median_ci([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)  # n = 6: 96.9%
+    lo, hi = median_ci(values, level=0.5)
+    assert 14.0 < lo < hi < 27.0
