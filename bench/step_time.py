@@ -3,11 +3,14 @@
 MobileNetV2 at 32x32, batch 64, CPU. Variants run interleaved (round-robin, alternating order),
 after warm-up. Each ratio is the median over rounds of the per-round ratio, so the two sides of
 a ratio are always measured seconds apart and host noise (which swings single steps by +-20% on
-a shared VM) cancels; the ratio of the medians is reported alongside.
+a shared VM) cancels; the ratio of the medians is reported alongside, and a distribution-free
+95% interval of each paired median (``oscqat.stats.median_ci``). Fewer variants put a ratio's
+two sides closer in time: ``--variants`` with two or three and many rounds gives the tightest
+interval.
 
 With ``--compile`` it adds the same step with forward and backward through torch.compile
-(``TrainConfig.compile``: ``oscqat.compiled.CompiledForward``) for fp32, lsq and full; the
-compilation happens in the warm-up and is reported (``compile_s``), not timed. ``--variants``
+(``TrainConfig.compile``: ``oscqat.compiled.CompiledForward``) for fp32, lsq, full and a second
+lsq model (the compiled A/A control); the compilation happens in the warm-up and is reported (``compile_s``), not timed. ``--variants``
 runs a comma-separated subset, including the diagnostic compiled lsq+dampen and compiled
 lsq+track+freeze that split the compiled full step's overhead into its remedies.
 
@@ -44,7 +47,8 @@ VARIANTS = {
     "full": (True, True, True, True),
     "lsq (A/A control)": (True, False, False, False),  # a second plain-LSQ model: the noise floor
 }
-COMPILED_VARIANTS = {"compiled fp32": "fp32", "compiled lsq": "lsq", "compiled full": "full"}  # --compile
+COMPILED_VARIANTS = {"compiled fp32": "fp32", "compiled lsq": "lsq", "compiled full": "full",  # --compile
+                     "compiled lsq (A/A control)": "lsq (A/A control)"}
 # where a compiled full step's extra time goes (only with --variants)
 DIAGNOSTIC_VARIANTS = {"compiled lsq+dampen": "lsq+dampen", "compiled lsq+track+freeze": "lsq+track+freeze"}
 
@@ -60,6 +64,7 @@ RATIOS = {  # name: (numerator, denominator)
 COMPILED_RATIOS = {
     "compiled_lsq_over_compiled_fp32": ("compiled lsq", "compiled fp32"),
     "compiled_full_over_compiled_lsq": ("compiled full", "compiled lsq"),
+    "compiled_control_over_compiled_lsq": ("compiled lsq (A/A control)", "compiled lsq"),
     "compiled_fp32_over_fp32": ("compiled fp32", "fp32"),
     "compiled_lsq_over_lsq": ("compiled lsq", "lsq"),
     "compiled_full_over_full": ("compiled full", "full"),
@@ -227,8 +232,9 @@ def main() -> None:
     print(f"\n{'median per phase (ms)':<28}" + "".join(f"{phase:>11}" for phase in PHASES))
     for name, phases in res["median_phase_s"].items():
         print(f"{name:<28}" + "".join(f"{phases[phase] * 1000:>11.1f}" for phase in PHASES))
-    print("\ncontrol_over_lsq compares two identical plain-LSQ models: its distance from 1.000 is")
-    print("this run's noise floor (memory layout, host noise) for every other ratio.")
+    print("\ncontrol_over_lsq (compiled: compiled_control_over_compiled_lsq) compares two identical")
+    print("plain-LSQ models: its distance from 1.000 is this run's noise floor (memory layout, host")
+    print("noise) for every other ratio.")
     print()
     print(f"{'ratio':<42}{'paired':>8}{'95% CI':>16}{'of medians':>12}")
     for key, value in res["ratios"].items():

@@ -276,9 +276,8 @@ class OscillationTracker:
         freezing and pinning are left to do.
         """
         s_now = None
-        if self._observed:
-            self._observed = False
-        else:
+        observed, self._observed = self._observed, False
+        if not observed:
             self._flipped = None
             x, missing = self._gather_ints() if self.layers else (None, [])
             if x is not None:
@@ -307,7 +306,8 @@ class OscillationTracker:
         for layer in self._layer_list:
             if layer._any_frozen:
                 layer.restore_frozen_latent()
-        self._consume()
+        if not observed:  # observe() consumed them already
+            self._consume()
         if s_now is not None:  # this forward's scales are the next update's "previous" ones
             self._s_prev = s_now
         self.steps += 1
