@@ -190,6 +190,7 @@ def run(rounds: int, warmup: int, bits: int, batch: int, size: int, steps_per_ro
         **({"compiled_full_variant_frozen_frac": frozen["compiled full"]} if "compiled full" in frozen else {}),
         **({"compile_s": compile_s} if compile_s else {}),
         "step_s_per_round": times,  # the raw data, in round order
+        "phase_s_per_step": {name: v.phases for name, v in variants.items()},  # timed steps, in order
     }
 
 
