@@ -50,7 +50,8 @@ VARIANTS = {
 COMPILED_VARIANTS = {"compiled fp32": "fp32", "compiled lsq": "lsq", "compiled full": "full",  # --compile
                      "compiled lsq (A/A control)": "lsq (A/A control)"}
 # where a compiled full step's extra time goes (only with --variants)
-DIAGNOSTIC_VARIANTS = {"compiled lsq+dampen": "lsq+dampen", "compiled lsq+track+freeze": "lsq+track+freeze"}
+DIAGNOSTIC_VARIANTS = {"compiled lsq+dampen": "lsq+dampen", "compiled lsq+track": "lsq+track",
+                       "compiled lsq+track+freeze": "lsq+track+freeze"}
 
 
 RATIOS = {  # name: (numerator, denominator)
@@ -69,6 +70,7 @@ COMPILED_RATIOS = {
     "compiled_lsq_over_lsq": ("compiled lsq", "lsq"),
     "compiled_full_over_full": ("compiled full", "full"),
     "compiled_dampen_over_compiled_lsq": ("compiled lsq+dampen", "compiled lsq"),
+    "compiled_track_over_compiled_lsq": ("compiled lsq+track", "compiled lsq"),
     "compiled_track_freeze_over_compiled_lsq": ("compiled lsq+track+freeze", "compiled lsq"),
 }
 # where a step's time goes: forward (with the loss and dampening), backward, the two optimizer
