@@ -10,9 +10,10 @@ interval.
 
 With ``--compile`` it adds the same step with forward and backward through torch.compile
 (``TrainConfig.compile``: ``oscqat.compiled.CompiledForward``) for fp32, lsq, full and a second
-lsq model (the compiled A/A control); the compilation happens in the warm-up and is reported (``compile_s``), not timed. ``--variants``
-runs a comma-separated subset, including the diagnostic compiled lsq+dampen and compiled
-lsq+track+freeze that split the compiled full step's overhead into its remedies.
+lsq model (the compiled A/A control); the compilation happens in the warm-up and is reported
+(``compile_s``), not timed. ``--variants`` runs a comma-separated subset, including the
+diagnostic compiled lsq+dampen, lsq+track and lsq+track+freeze that split the compiled full
+step's overhead into its parts.
 
     python bench/step_time.py [--json FILE] [--rounds 15] [--threads 2] [--compile]
                               [--variants "compiled lsq,compiled full"]
