@@ -485,7 +485,8 @@ class OscillationTracker:
         self._freq.index_fill_(0, new_idx, 0.0)
         self._last_dir.index_fill_(0, new_idx, 0.0)
         self._frozen_mask.index_fill_(0, new_idx, True)
-        self._frozen_int.index_copy_(0, new_idx, targets.to(torch.int8))
+        ints8 = targets.to(torch.int8)
+        self._frozen_int.scatter_(0, new_idx, ints8)
         cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
         counts = [b - a for a, b in zip(cuts, cuts[1:])]
         local = new_idx - c["starts"].index_select(0, lid)  # indices relative to each one's layer
@@ -495,7 +496,7 @@ class OscillationTracker:
             if k:
                 layer._append_frozen(loc, ints)
                 st._seen_idx = layer._buffers["frozen_idx"]
-        self._prev.scatter_(0, new_idx, targets.to(self._int_dtype))
+        self._prev.scatter_(0, new_idx, ints8 if self._int_dtype == torch.int8 else targets.to(self._int_dtype))
         # the EMA itself is unchanged
         self._ema_dev.index_add_(0, new_idx, (targets - old_prev).div_(self._decay), alpha=-1)
 

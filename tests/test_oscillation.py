@@ -145,16 +145,19 @@ def test_tracker_matches_a_dense_reference_over_a_long_random_walk():
     assert tracker.states["0"].freq.max() > 0.2  # the walk did oscillate
 
 
-def test_sparse_move_search_matches_the_dense_reference():
+@pytest.mark.parametrize("bits, int_dtype", [(4, torch.int8), (8, torch.int16)])
+def test_sparse_move_search_matches_the_dense_reference(bits, int_dtype):
     """Large layers with few moves take the word search for moved integers (int64 words of the
-    padded int8 buffers, their flags searched as blocks of 8 words); it must find every move, in
-    the last, padded word and at word and block edges."""
+    padded int8 (8 a word) or int16 (4 a word) buffers, their flags searched as blocks of 8
+    words); it must find every move, in the last, padded word and at word and block edges."""
     torch.manual_seed(1)
-    model = nn.Sequential(QuantLinear(300, 257, bias=False, weight_bits=4), QuantLinear(7, 3, bias=False, weight_bits=4))
+    model = nn.Sequential(QuantLinear(300, 257, bias=False, weight_bits=bits),
+                          QuantLinear(7, 3, bias=False, weight_bits=bits))
     numel = sum(layer.weight.numel() for layer in model)
     assert numel >= 1 << 16 and numel % 8  # big enough for the word search, with a padded last word
     m = 0.2
-    tracker = OscillationTracker(model, momentum=m)
+    tracker = OscillationTracker(model, momentum=m, max_bits=bits)
+    assert tracker._int_dtype == int_dtype
     shapes = [layer.weight.shape for layer in model]
     ints = [torch.zeros(sh) for sh in shapes]
     ref = [_DenseReference(sh, m) for sh in shapes]
