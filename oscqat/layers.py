@@ -47,13 +47,16 @@ class QuantMixin:
         # Frozen weights (iterative freezing): mask and the integer each one is pinned to.
         self.register_buffer("frozen_mask", torch.zeros_like(self.weight, dtype=torch.bool))
         self.register_buffer("frozen_int", torch.zeros_like(self.weight, dtype=torch.int8))
-        # Sparse view of the two above (flat indices, float integers): forward and backward
-        # touch only the frozen elements. Not saved; rebuilt by ``refresh_frozen``.
+        # Sparse view of the two above (flat indices, float integers) for the eager forward, which
+        # then touches only the frozen elements. Not saved: a cache, rebuilt from the dense buffers
+        # when stale (``frozen_sparse``). A compiled forward reads the dense buffers instead.
         self.register_buffer("frozen_idx", None, persistent=False)
         self.register_buffer("frozen_vals", None, persistent=False)
-        # Latent weight values at ``frozen_idx``, restored after each optimizer step so frozen
-        # weights receive no update (momentum, weight decay). Taken when a weight freezes.
-        self.register_buffer("frozen_latent", None, persistent=False)
+        self._sparse_stale = False
+        # counts edits of the frozen set made through this layer (freeze_weights, refresh_frozen, a
+        # load): an OscillationTracker compares it to the count it last saw to find weights frozen
+        # by hand, which it then pins too (pinning the latent values is the tracker's job)
+        self._frozen_version = 0
         self._any_frozen = False
         self.fuse_dampening = False  # compute the dampening sum inside the quantizer's pass
         self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
@@ -67,76 +70,42 @@ class QuantMixin:
         self.refresh_frozen()
 
     def refresh_frozen(self) -> None:
-        """Rebuild the sparse frozen index (call after editing ``frozen_mask``/``frozen_int``).
+        """Rebuild the sparse frozen index; call after editing ``frozen_mask``/``frozen_int`` by hand.
 
-        The latent values to pin are the current weights at the frozen positions (after a
-        checkpoint load, the values saved with the model).
-        """
+        A tracker watching the layer notices the edit at its next ``step`` and from then on pins
+        the newly frozen weights at the latent values they have at that step."""
         self.frozen_idx, self.frozen_vals = frozen_index(self.frozen_mask, self.frozen_int)
         self._any_frozen = self.frozen_idx is not None
-        self.frozen_latent = (self.weight.detach().reshape(-1)[self.frozen_idx].clone()
-                              if self._any_frozen else None)
+        self._sparse_stale = False
+        self._frozen_version += 1
 
-    def restore_frozen_latent(self) -> None:
-        """Put the frozen weights' latent values back (undoes an optimizer step's drift).
-
-        Writes through ``detach()`` (no autograd involved), so it needs no ``no_grad`` context:
-        the tracker calls it for every frozen layer at every step."""
-        if self._any_frozen:
+    def frozen_sparse(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(frozen_idx, frozen_vals)``, rebuilt first when freezing marked the dense buffers only
+        (read them through this: the buffers themselves may be stale)."""
+        if self._sparse_stale:
             buffers = self._buffers
-            # scatter_: about 3x faster than index_copy_ on a CPU (unique indices: the same result)
-            self._parameters["weight"].detach().view(-1).scatter_(0, buffers["frozen_idx"], buffers["frozen_latent"])
+            buffers["frozen_idx"], buffers["frozen_vals"] = frozen_index(buffers["frozen_mask"], buffers["frozen_int"])
+            self.__dict__["_sparse_stale"] = False
+        return self._buffers["frozen_idx"], self._buffers["frozen_vals"]
 
     def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, check: bool = True) -> torch.Tensor:
-        """Pin the weights at ``flat_idx`` to the integers ``ints``, updating the sparse index
-        in place of a full ``refresh_frozen`` pass. ``check`` skips weights already frozen.
-        Returns the indices that were newly frozen."""
-        buffers = self._buffers  # direct access: Module.__getattr__/__setattr__ cost more than the ops here
+        """Pin the weights at ``flat_idx`` to the integers ``ints`` (from the next forward on).
+        ``check`` skips weights already frozen. Returns the indices that were newly frozen.
+
+        Their latent values are pinned by the ``OscillationTracker`` watching the layer (if any),
+        from its next ``step`` on."""
+        buffers = self._buffers
         if check:
             fresh = ~buffers["frozen_mask"].view(-1)[flat_idx]
             flat_idx, ints = flat_idx[fresh], ints[fresh]
         if not flat_idx.numel():
             return flat_idx
-        ints = ints.detach().to(torch.float32)
-        # index_* methods: a few microseconds less per call than tensor indexing, on a hot path
         buffers["frozen_mask"].view(-1).index_fill_(0, flat_idx, True)
-        buffers["frozen_int"].view(-1).index_copy_(0, flat_idx, ints.to(torch.int8))
-        self._append_frozen(flat_idx, ints)
-        return flat_idx
-
-    def _append_frozen(self, flat_idx: torch.Tensor, ints: torch.Tensor) -> None:
-        """Add weights (not yet frozen; the dense mask and integers already marked) to the
-        sparse index, pinning each to its current latent value. ``ints``: float32 integers.
-
-        The three sparse buffers are views into tensors with spare room, grown by doubling: an
-        append writes only the new entries (a concatenation would copy every frozen entry again
-        at each of the thousands of steps that freeze a few more). Touches buffers and the weight
-        through ``detach()`` only: no ``no_grad`` needed."""
-        buffers = self._buffers
-        k = flat_idx.numel()
-        idx, vals, latent = buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"]
-        n = 0 if idx is None else idx.numel()
-        room = self.__dict__.get("_frozen_room")  # (idx, vals, latent, the views handed out last)
-        # a buffer replaced since (a load, model.to, an assignment) or no room left: new room
-        if room is None or room[3][0] is not idx or room[3][1] is not vals or room[3][2] is not latent \
-                or room[0].numel() < n + k:
-            cap = max(2 * (n + k), 64)
-            weight = self._parameters["weight"]
-            full = (torch.empty(cap, dtype=torch.int64, device=flat_idx.device),
-                    torch.empty(cap, dtype=torch.float32, device=flat_idx.device),
-                    torch.empty(cap, dtype=weight.dtype, device=weight.device))
-            if n:
-                for f, old in zip(full, (idx, vals, latent)):
-                    f[:n].copy_(old)
-            room = (*full, None)
-        idx_room, vals_room, latent_room = room[0], room[1], room[2]
-        idx_room[n:n + k].copy_(flat_idx)
-        vals_room[n:n + k].copy_(ints)
-        torch.index_select(self._parameters["weight"].detach().reshape(-1), 0, flat_idx, out=latent_room[n:n + k])
-        views = idx_room[:n + k], vals_room[:n + k], latent_room[:n + k]
-        buffers["frozen_idx"], buffers["frozen_vals"], buffers["frozen_latent"] = views
-        self.__dict__["_frozen_room"] = (idx_room, vals_room, latent_room, views)
+        buffers["frozen_int"].view(-1).index_copy_(0, flat_idx, ints.detach().to(torch.int8))
         self.__dict__["_any_frozen"] = True
+        self.__dict__["_sparse_stale"] = True
+        self.__dict__["_frozen_version"] += 1
+        return flat_idx
 
     @property
     def is_depthwise(self) -> bool:
@@ -152,7 +121,7 @@ class QuantMixin:
         if torch.compiler.is_compiling():  # dense: the graph stays the same as more weights freeze
             frozen = self.frozen_mask, self.frozen_int
         else:  # sparse: eager touches only the frozen elements
-            frozen = self.frozen_idx, self.frozen_vals
+            frozen = self.frozen_sparse()
         w_hat, w_int, damp = self.weight_quantizer.quantize_with_dampening(self.weight, *frozen, want_damp=want_damp)
         if remember:  # the forward's integers, read by the tracker and the dampening loss
             if self.tracked_int_dtype is not None and torch.compiler.is_compiling():

@@ -27,15 +27,18 @@ from torch import nn
 from oscqat.layers import QuantMixin, quant_layers
 from oscqat.quantizer import SCALE_EPS
 
+WEIGHT_ALIGN = 16  # elements: each layer's slice of the flat weights starts on a 64-byte boundary (float32)
+
 
 class _LayerState:
     """One layer's slice of the tracker's flat state, as views shaped like the weight."""
 
-    __slots__ = ("_tracker", "_slice", "_shape", "_layer", "_seen_idx")
+    __slots__ = ("_tracker", "_slice", "_shape", "_layer", "_wstart")
 
-    def __init__(self, tracker: "OscillationTracker", sl: slice, shape: torch.Size, layer: QuantMixin):
+    def __init__(self, tracker: "OscillationTracker", sl: slice, shape: torch.Size, layer: QuantMixin,
+                 wstart: int):
         self._tracker, self._slice, self._shape, self._layer = tracker, sl, shape, layer
-        self._seen_idx: torch.Tensor | None = None  # the layer's frozen_idx the tracker last saw
+        self._wstart = wstart  # where the layer's weights start in the tracker's flat weights
 
     def _view(self, flat: torch.Tensor | None) -> torch.Tensor | None:
         return None if flat is None else flat[self._slice].view(self._shape)
@@ -70,12 +73,18 @@ class _LayerState:
     @property
     def frozen_latent(self) -> torch.Tensor | None:
         """Latent values the frozen weights are pinned to, dense like the weight (a copy: the
-        layer holds them sparsely, see ``QuantMixin.frozen_latent``); None when none is frozen."""
-        layer = self._layer
+        tracker holds them sparsely, see ``OscillationTracker._pin``; weights frozen by hand since
+        its last step show their current value, the one they will be pinned to); None when none
+        is frozen."""
+        layer, t = self._layer, self._tracker
         if not layer._any_frozen:
             return None
         dense = layer.weight.detach().clone()
-        dense.view(-1)[layer.frozen_idx] = layer.frozen_latent
+        n, a, numel = t._n_pins, self._wstart, dense.numel()
+        if n:
+            pos, latent = t._pin_pos[:n], t._pin_latent[:n]
+            mine = (pos >= a) & (pos < a + numel)
+            dense.view(-1).scatter_(0, pos[mine] - a, latent[mine])
         return dense
 
 
@@ -122,12 +131,16 @@ class OscillationTracker:
             name: layer for name, layer in quant_layers(module) if layer.weight_bits <= max_bits
         }
         self.states: dict[str, _LayerState] = {}
-        offset = 0
+        offset = woffset = 0
+        self._wstarts: list[int] = []  # each layer's start in the flat weights (_link_weights)
         for name, layer in self.layers.items():
             numel = layer.weight.numel()
-            self.states[name] = _LayerState(self, slice(offset, offset + numel), layer.weight.shape, layer)
+            self.states[name] = _LayerState(self, slice(offset, offset + numel), layer.weight.shape, layer, woffset)
+            self._wstarts.append(woffset)
             offset += numel
+            woffset += -(-numel // WEIGHT_ALIGN) * WEIGHT_ALIGN
         self.numel = offset
+        self._wnumel = woffset
         self._starts = [st._slice.start for st in self.states.values()] + [offset]
         self._layer_list = list(self.layers.values())
         self._names = list(self.layers)
@@ -181,6 +194,17 @@ class OscillationTracker:
         self._observed = False  # observe() did this step's update; step() only freezes and pins
         self._mask_views: list = []  # the layers' frozen_mask/frozen_int: views into the flat ones
         self._link_frozen()
+        # Pinning: every frozen weight's position in the flat weights and the latent value it keeps
+        # (the first _n_pins entries of tensors with spare room, grown by doubling), see _pin
+        self._flat_w: torch.Tensor | None = None
+        self._w_ptrs: list[int] = []
+        self._pin_pos: torch.Tensor | None = None
+        self._pin_latent: torch.Tensor | None = None
+        self._n_pins = 0
+        self._link_weights()
+        # the layers' count of frozen-set edits made through them (QuantMixin._frozen_version)
+        self._seen_versions = [layer._frozen_version for layer in self._layer_list]
+        self._rebuild_pins()  # weights frozen before the tracker came (a loaded model) keep their values
 
     def _link_frozen(self) -> None:
         """Make every layer's ``frozen_mask``/``frozen_int`` a view into one flat tensor each.
@@ -206,6 +230,98 @@ class OscillationTracker:
     def _frozen_linked(self) -> bool:
         return all(layer._buffers["frozen_mask"] is m and layer._buffers["frozen_int"] is i
                    for layer, (m, i) in zip(self._layer_list, self._mask_views))
+
+    def _link_weights(self) -> None:
+        """Make every tracked layer's weight a view into one flat tensor, each layer's slice
+        starting on a 64-byte boundary (compiled kernels assume aligned inputs and would copy a
+        misaligned one at every call).
+
+        Pinning the frozen weights is then one scatter over all layers, and the live scale-flip
+        attribution one gather. The parameters stay the same objects (optimizers keep them);
+        their data moves into the flat tensor, contiguous. Called again when a weight was replaced
+        (``model.to``, an assignment): the flat tensor takes the current values."""
+        if not self.layers:
+            return
+        params = [p["weight"] for p in self._weight_params]
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ValueError("the tracked layers' weights must share one dtype and device, got "
+                             f"{sorted({(str(p.dtype), str(p.device)) for p in params})}")
+        flat = torch.zeros(self._wnumel, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for p, start in zip(params, self._wstarts):
+                view = flat[start:start + p.numel()].view(p.shape)
+                view.copy_(p)
+                p.data = view
+        self._flat_w = flat
+        self._w_ptrs = [p.data_ptr() for p in params]
+        if self._pin_pos is not None and self._pin_pos.device != flat.device:
+            self._pin_pos, self._pin_latent = self._pin_pos.to(flat.device), self._pin_latent.to(flat.device)
+        if self._pin_latent is not None and self._pin_latent.dtype != flat.dtype:
+            self._pin_latent = self._pin_latent.to(flat.dtype)
+
+    def _weights_linked(self) -> bool:
+        return all(p["weight"].data_ptr() == ptr for p, ptr in zip(self._weight_params, self._w_ptrs))
+
+    def _sync_layers(self) -> None:
+        """Relink replaced buffers and weights; take in weights frozen by hand (``refresh_frozen``,
+        ``freeze_weights``, a model load) since the last step: their frequency is zeroed, so they
+        are never candidates again, and they are pinned from now on at their current values."""
+        if not self.layers:
+            return
+        if not self._frozen_linked():
+            self._link_frozen()
+        if not self._weights_linked():
+            self._link_weights()
+        changed = False
+        for i, layer in enumerate(self._layer_list):
+            version = layer.__dict__["_frozen_version"]
+            if version != self._seen_versions[i]:
+                self._seen_versions[i] = version
+                a, b = self._starts[i], self._starts[i + 1]
+                self._freq[a:b].masked_fill_(self._frozen_mask[a:b], 0.0)
+                changed = True
+        if changed:
+            self._pin()  # the weights frozen before keep their latent values
+            self._rebuild_pins()
+
+    def _pin(self) -> None:
+        """Put every frozen weight's latent value back, undoing the drift of the optimizer step
+        just taken (momentum, weight decay): one scatter over the flat weights."""
+        n = self._n_pins
+        if n:
+            self._flat_w.scatter_(0, self._pin_pos[:n], self._pin_latent[:n])
+
+    def _add_pins(self, wpos: torch.Tensor) -> None:
+        """Pin the weights at flat-weight positions ``wpos`` (not pinned yet) at their current values."""
+        k, n = wpos.numel(), self._n_pins
+        if self._pin_pos is None or self._pin_pos.numel() < n + k:
+            cap = max(2 * (n + k), 1024)
+            pos = torch.empty(cap, dtype=torch.int64, device=wpos.device)
+            latent = torch.empty(cap, dtype=self._flat_w.dtype, device=wpos.device)
+            if n:
+                pos[:n].copy_(self._pin_pos[:n])
+                latent[:n].copy_(self._pin_latent[:n])
+            self._pin_pos, self._pin_latent = pos, latent
+        self._pin_pos[n:n + k].copy_(wpos)
+        torch.index_select(self._flat_w, 0, wpos, out=self._pin_latent[n:n + k])
+        self._n_pins = n + k
+
+    def _rebuild_pins(self) -> None:
+        """Pin every frozen weight at its current value (all layers, from the dense masks)."""
+        self._n_pins = 0
+        if not self.layers:
+            return
+        idx = torch.nonzero(self._frozen_mask).squeeze(1)
+        if idx.numel():
+            self._add_pins(self._weight_positions(idx))
+
+    def _weight_positions(self, idx: torch.Tensor, lid: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions in the flat weights of the tracker indices ``idx`` (``lid``: their layers)."""
+        c = self._constants(idx.device)
+        if lid is None:
+            lid = torch.searchsorted(c["starts"], idx, right=True).sub_(1)
+        return idx + c["wshift"].index_select(0, lid)
 
     def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
         """All layers' latest forward integers as one flat tensor, and the layers that had none.
@@ -258,6 +374,8 @@ class OscillationTracker:
         of that forward; the result equals ``step`` alone on a recorded forward.
         """
         self._flipped = None
+        if self.layers and not self._weights_linked():  # the attribution reads the flat weights
+            self._link_weights()
         x, missing = self._gather_ints() if self.layers else (None, [])
         if x is not None:
             self._update(x, missing, live=True)
@@ -285,8 +403,8 @@ class OscillationTracker:
                 if any(t is not None for t in last):
                     s_now = self._flat_scales(last, [n for n, t in zip(self.layers, last) if t is None])
                 self._update(x, missing, s_now=s_now)
+        self._sync_layers()  # after the update: a weight frozen by hand is never a candidate
         if freeze_threshold > 0.0 and self.layers:
-            self._sync_hand_frozen()
             scaled = freeze_threshold / self._decay
             if scaled >= self._cleared:  # only weights that just flipped can have crossed it
                 new = None
@@ -303,9 +421,7 @@ class OscillationTracker:
             self._cleared = scaled
         else:
             self._cleared = float("inf")  # frequencies rise unchecked: check all at the next freeze
-        for layer in self._layer_list:
-            if layer._any_frozen:
-                layer.restore_frozen_latent()
+        self._pin()
         if not observed:  # observe() consumed them already
             self._consume()
         if s_now is not None:  # this forward's scales are the next update's "previous" ones
@@ -369,9 +485,12 @@ class OscillationTracker:
             idx = torch.cat([moved[a:b] for a, b in segments])
         lid = torch.searchsorted(c["starts"], idx, right=True).sub_(1)  # each index's layer
         local = idx - c["starts"].index_select(0, lid)
-        locals_ = local.split([b - a for a, b in segments])  # one call, not a slice per layer
-        pieces = [src.reshape(-1).index_select(0, loc) for (src, _), loc in zip(take, locals_)]
-        grid = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if live:  # one gather from the flat weights
+            grid = self._flat_w.index_select(0, idx + c["wshift"].index_select(0, lid))
+        else:
+            locals_ = local.split([b - a for a, b in segments])  # one call, not a slice per layer
+            pieces = [src.reshape(-1).index_select(0, loc) for (src, _), loc in zip(take, locals_)]
+            grid = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         entry = local.div_(c["per_scale"].index_select(0, lid), rounding_mode="floor").add_(
             c["scale_starts"].index_select(0, lid))
         s_prev = self._s_prev.index_select(0, entry)
@@ -487,15 +606,12 @@ class OscillationTracker:
         self._frozen_mask.index_fill_(0, new_idx, True)
         ints8 = targets.to(torch.int8)
         self._frozen_int.scatter_(0, new_idx, ints8)
+        self._add_pins(self._weight_positions(new_idx, lid))  # at their latent values of this step
         cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
-        counts = [b - a for a, b in zip(cuts, cuts[1:])]
-        local = new_idx - c["starts"].index_select(0, lid)  # indices relative to each one's layer
-        # one split per tensor, not two slices per touched layer
-        for layer, st, k, loc, ints in zip(self._layer_list, self.states.values(), counts,
-                                           local.split(counts), targets.split(counts)):
-            if k:
-                layer._append_frozen(loc, ints)
-                st._seen_idx = layer._buffers["frozen_idx"]
+        for layer, a, b in zip(self._layer_list, cuts, cuts[1:]):
+            if a != b:  # an eager forward rebuilds the layer's sparse index (QuantMixin.frozen_sparse)
+                layer.__dict__["_any_frozen"] = True
+                layer.__dict__["_sparse_stale"] = True
         self._prev.scatter_(0, new_idx, ints8 if self._int_dtype == torch.int8 else targets.to(self._int_dtype))
         # the EMA itself is unchanged
         self._ema_dev.index_add_(0, new_idx, (targets - old_prev).div_(self._decay), alpha=-1)
@@ -515,25 +631,13 @@ class OscillationTracker:
             bounds = self._bounds()[1]
             self._consts = {
                 "starts": torch.tensor(self._starts, device=device),
+                "wshift": torch.tensor([w - s for w, s in zip(self._wstarts, self._starts)], device=device),
                 "per_scale": torch.tensor(self._per_scale, device=device),
                 "scale_starts": torch.tensor(self._scale_starts[:-1], device=device),
                 "lo": torch.tensor([float(n) for n, _ in bounds], device=device),
                 "hi": torch.tensor([float(p) for _, p in bounds], device=device),
             }
         return self._consts
-
-    def _sync_hand_frozen(self) -> None:
-        """Weights frozen outside the tracker (``refresh_frozen`` after editing the mask) keep
-        their old frequency; zero it, so they are never candidates again."""
-        if not self._frozen_linked():  # a layer's buffers were replaced: share the flat ones again
-            self._link_frozen()
-        for name, layer in self.layers.items():
-            st = self.states[name]
-            idx = layer._buffers["frozen_idx"]  # not layer.frozen_idx: Module.__getattr__, every step
-            if idx is not st._seen_idx:
-                if idx is not None:
-                    self._freq[st._slice][idx] = 0.0
-                st._seen_idx = idx
 
     # reporting -------------------------------------------------------------
     @torch.no_grad()
@@ -598,6 +702,10 @@ class OscillationTracker:
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self._observed = False
+        if self.layers and not self._frozen_linked():  # the model's load wrote into these
+            self._link_frozen()
+        if self.layers and not self._weights_linked():
+            self._link_weights()
         saved_scales = state.get("scale_prev", {})
         self._has_s_prev = [name in saved_scales for name in self.layers]
         self._s_prev = None
@@ -631,5 +739,9 @@ class OscillationTracker:
                     self._ema_dev[st._slice] = (entry["int_ema"].to(device) - st.prev_int).reshape(-1)
             latent = entry.get("frozen_latent")
             if latent is not None and layer._any_frozen:  # after the model's load (which took the weights)
-                layer.frozen_latent = latent.to(layer.weight).reshape(-1)[layer.frozen_idx].clone()
+                w = layer.weight.detach()
+                w.copy_(torch.where(layer.frozen_mask, latent.to(w).reshape(w.shape), w))
             st.freq.masked_fill_(layer.frozen_mask, 0.0)  # no-op for this version's states
+        # pin what the weights hold now (the saved latent values), from the masks the load took
+        self._seen_versions = [layer._frozen_version for layer in self._layer_list]
+        self._rebuild_pins()

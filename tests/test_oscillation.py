@@ -228,8 +228,9 @@ def test_hand_frozen_weights_are_not_frozen_again():
     _feed(tracker, layer, [[[1, 0], [1, 0]]], freeze_threshold=0.2)
     assert layer.frozen_mask.all()
     assert layer.frozen_int[0, 0].item() == 5  # the hand-set integer stays
-    assert sorted(layer.frozen_idx.tolist()) == [0, 1, 2, 3]  # each weight once
-    assert layer.frozen_vals[layer.frozen_idx.tolist().index(0)].item() == 5.0
+    idx, vals = layer.frozen_sparse()
+    assert sorted(idx.tolist()) == [0, 1, 2, 3]  # each weight once
+    assert vals[idx.tolist().index(0)].item() == 5.0
     assert float(tracker.states[""].freq.max()) == 0.0
 
 
@@ -363,6 +364,79 @@ def test_frozen_weights_never_change_under_sgd_momentum_and_weight_decay():
         unfrozen = ~ql.frozen_mask
         changed += int((ql.weight.detach()[unfrozen] != w[unfrozen]).sum())
     assert changed > 0, "training did not move the unfrozen weights"
+
+
+
+def test_tracked_weights_share_one_aligned_flat_tensor_and_relink_when_replaced():
+    """The tracker moves the tracked weights into one flat tensor (one scatter pins every frozen
+    weight): same Parameter objects, same values, each slice 64-byte aligned; a weight replaced
+    later (as model.to does) is linked again at the next step, keeping its new values and pins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantConv2d(3, 5, 3, weight_bits=4), nn.Flatten(), QuantLinear(5 * 4 * 4, 7, weight_bits=4))
+    params = [model[0].weight, model[2].weight]
+    before = [p.detach().clone() for p in params]
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    tracker = OscillationTracker(model, momentum=0.1)
+    flat = tracker._flat_w
+    for p, b in zip(params, before):
+        assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert (p.data_ptr() - flat.data_ptr()) % 64 == 0 and p.is_contiguous()
+        assert torch.equal(p.detach(), b)
+    assert model[0].weight is params[0] and model[2].weight is params[1]
+    tracker.step()
+    model[2].freeze_weights(torch.tensor([3, 11]), torch.tensor([1.0, -1.0]))
+    model(x)
+    tracker.step()  # takes the hand-frozen weights in: pinned at their values now
+    pinned = params[1].detach().view(-1)[[3, 11]].clone()
+    with torch.no_grad():
+        params[1].data = params[1].detach().clone() + 1.0  # a replaced weight, moved by an update
+    model(x)
+    tracker.step()
+    assert params[1].untyped_storage().data_ptr() == tracker._flat_w.untyped_storage().data_ptr()
+    assert params[0].untyped_storage().data_ptr() == tracker._flat_w.untyped_storage().data_ptr()
+    w = params[1].detach().view(-1)
+    assert torch.equal(w[[3, 11]], pinned)  # pinned again after the relink
+    assert torch.equal(w[[0, 1, 2]], before[1].view(-1)[[0, 1, 2]] + 1.0)  # the others keep the new values
+    assert torch.equal(params[0].detach(), before[0])
+
+
+def test_weights_frozen_by_hand_are_pinned_from_the_next_step_and_across_a_resume():
+    torch.manual_seed(0)
+    layer = QuantLinear(4, 3, weight_bits=4)
+    x = torch.randn(2, 4)
+    layer(x)
+    tracker = OscillationTracker(layer, momentum=0.1)
+    tracker.step()
+    layer.freeze_weights(torch.tensor([0, 5]), torch.tensor([1.0, -2.0]))
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # the optimizer step after the freeze
+    at_step = layer.weight.detach().clone()
+    layer(x)
+    tracker.step()  # pinned at these values from here on
+    assert torch.equal(tracker.states[""].frozen_latent, at_step)
+    with torch.no_grad():
+        layer.weight.add_(0.25)
+    layer(x)
+    tracker.step()
+    w = layer.weight.detach().view(-1)
+    assert torch.equal(w[[0, 5]], at_step.view(-1)[[0, 5]])
+    assert torch.equal(w[[1, 2, 3]], at_step.view(-1)[[1, 2, 3]] + 0.25)
+    # a fresh layer and tracker loaded from both states pin the same values
+    other = QuantLinear(4, 3, weight_bits=4)
+    other.load_state_dict(layer.state_dict())
+    resumed = OscillationTracker(other, momentum=0.1)
+    resumed.load_state_dict(tracker.state_dict())
+    with torch.no_grad():
+        other.weight.add_(1.0)
+    other(x)
+    resumed.step()
+    v = other.weight.detach().view(-1)
+    assert torch.equal(v[[0, 5]], at_step.view(-1)[[0, 5]])
+    assert torch.equal(v[[1, 2, 3]], w[[1, 2, 3]] + 1.0)
+    frozen = layer.frozen_mask
+    assert torch.equal(other.weight_int()[frozen], layer.weight_int()[frozen])  # -> [1, -2]
+    assert other.weight_int().view(-1)[[0, 5]].tolist() == [1.0, -2.0]
 
 
 # ----------------------------------------------------------------------------- dampening
@@ -740,6 +814,6 @@ def test_freezing_reaches_frozen_buffers_replaced_after_the_tracker_was_built():
     feed([[1, 0], [1, 0]], threshold=0.2)
     for layer in model:
         assert layer.frozen_mask.all()
-        assert sorted(layer.frozen_idx.tolist()) == [0, 1, 2, 3]
+        assert sorted(layer.frozen_sparse()[0].tolist()) == [0, 1, 2, 3]
     assert b.frozen_int[1, 1].item() == 5  # the hand-set integer stays
     assert b.weight_int()[1, 1].item() == 5 and a.weight_int()[0, 0].item() == b.weight_int()[0, 0].item()
