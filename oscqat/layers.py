@@ -88,6 +88,35 @@ class QuantMixin:
             self.__dict__["_sparse_stale"] = False
         return self._buffers["frozen_idx"], self._buffers["frozen_vals"]
 
+    def _append_sparse(self, flat_idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add newly frozen weights (the dense buffers already marked) to a fresh sparse index;
+        a stale one stays stale (``frozen_sparse`` rebuilds it). ``vals``: float32 integers.
+
+        What an eager step's freezing uses: its next forward reads the sparse index, and a
+        rebuild of every touched layer at every step would cost a ``nonzero`` over each one's
+        mask. The two buffers are views into tensors with spare room, grown by doubling, so an
+        append writes only the new entries."""
+        if self._sparse_stale:
+            return
+        buffers = self._buffers
+        idx, old_vals = buffers["frozen_idx"], buffers["frozen_vals"]
+        n, k = (0 if idx is None else idx.numel()), flat_idx.numel()
+        room = self.__dict__.get("_sparse_room")  # (idx room, vals room, the views handed out last)
+        # a buffer replaced since (a rebuild, a load, model.to) or no room left: new room
+        if room is None or room[2][0] is not idx or room[2][1] is not old_vals or room[0].numel() < n + k:
+            cap = max(2 * (n + k), 64)
+            full = (torch.empty(cap, dtype=torch.int64, device=flat_idx.device),
+                    torch.empty(cap, dtype=torch.float32, device=flat_idx.device))
+            if n:
+                full[0][:n].copy_(idx)
+                full[1][:n].copy_(old_vals)
+            room = (*full, None)
+        room[0][n:n + k].copy_(flat_idx)
+        room[1][n:n + k].copy_(vals)
+        views = room[0][:n + k], room[1][:n + k]
+        buffers["frozen_idx"], buffers["frozen_vals"] = views
+        self.__dict__["_sparse_room"] = (room[0], room[1], views)
+
     def freeze_weights(self, flat_idx: torch.Tensor, ints: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Pin the weights at ``flat_idx`` to the integers ``ints`` (from the next forward on).
         ``check`` skips weights already frozen. Returns the indices that were newly frozen.

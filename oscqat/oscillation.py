@@ -417,7 +417,7 @@ class OscillationTracker:
                 new = None
             if new is not None and new.numel():
                 # frozen weights have frequency 0, so every candidate is a new one
-                self._freeze(new)
+                self._freeze(new, incremental=not observed)
             self._cleared = scaled
         else:
             self._cleared = float("inf")  # frequencies rise unchecked: check all at the next freeze
@@ -582,13 +582,16 @@ class OscillationTracker:
             self._cleared *= self._decay
             self._decay = 1.0
 
-    def _freeze(self, new_idx: torch.Tensor) -> None:
+    def _freeze(self, new_idx: torch.Tensor, incremental: bool = True) -> None:
         """Freeze the weights at flat indices ``new_idx`` (sorted) at their rounded integer EMA.
 
         Sparse and batched over layers: the mask and integers of all layers are marked in two
-        ops on the flat tensors their buffers view (``_link_frozen``); per touched layer only
-        its sparse index grows. The cost grows with the number of newly frozen weights and the
-        layers they sit in, not with the model, so freezing a few weights every step stays cheap.
+        ops on the flat tensors their buffers view (``_link_frozen``), and the latent values go
+        to the one pin store. ``incremental`` (an eager step, whose next forward reads each
+        layer's sparse index): the touched layers' sparse indices grow by the new entries;
+        otherwise (a compiled step, whose graph reads the dense buffers) they are only marked
+        stale. The cost grows with the number of newly frozen weights and the layers they sit
+        in, not with the model, so freezing a few weights every step stays cheap.
         """
         c = self._constants(new_idx.device)
         old_prev = self._prev.index_select(0, new_idx).float()
@@ -608,10 +611,16 @@ class OscillationTracker:
         self._frozen_int.scatter_(0, new_idx, ints8)
         self._add_pins(self._weight_positions(new_idx, lid))  # at their latent values of this step
         cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
-        for layer, a, b in zip(self._layer_list, cuts, cuts[1:]):
-            if a != b:  # an eager forward rebuilds the layer's sparse index (QuantMixin.frozen_sparse)
+        if incremental:  # one split for all layers, not a slice per layer
+            local = (new_idx - c["starts"].index_select(0, lid)).split([b - a for a, b in zip(cuts, cuts[1:])])
+            vals = targets.split([b - a for a, b in zip(cuts, cuts[1:])])
+        for i, (layer, a, b) in enumerate(zip(self._layer_list, cuts, cuts[1:])):
+            if a != b:
                 layer.__dict__["_any_frozen"] = True
-                layer.__dict__["_sparse_stale"] = True
+                if incremental and not layer._sparse_stale:  # an eager step: its next forward reads it
+                    layer._append_sparse(local[i], vals[i])
+                else:  # a compiled step reads the dense buffers; an eager forward rebuilds it
+                    layer.__dict__["_sparse_stale"] = True
         self._prev.scatter_(0, new_idx, ints8 if self._int_dtype == torch.int8 else targets.to(self._int_dtype))
         # the EMA itself is unchanged
         self._ema_dev.index_add_(0, new_idx, (targets - old_prev).div_(self._decay), alpha=-1)

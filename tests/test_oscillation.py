@@ -817,3 +817,49 @@ def test_freezing_reaches_frozen_buffers_replaced_after_the_tracker_was_built():
         assert sorted(layer.frozen_sparse()[0].tolist()) == [0, 1, 2, 3]
     assert b.frozen_int[1, 1].item() == 5  # the hand-set integer stays
     assert b.weight_int()[1, 1].item() == 5 and a.weight_int()[0, 0].item() == b.weight_int()[0, 0].item()
+
+
+@pytest.mark.parametrize("compiled_steps", [False, True], ids=["eager", "observe-then-step"])
+def test_sparse_frozen_index_follows_freezing_step_by_step(compiled_steps):
+    """Eager steps grow each touched layer's sparse index by the newly frozen weights (its next
+    forward reads it); steps after ``observe`` (a compiled forward reads the dense buffers) only
+    mark it stale. Either way the index a forward gets equals the dense mask and integers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(16, 32, bias=False, weight_bits=3), QuantLinear(32, 8, bias=False, weight_bits=3))
+    x = torch.randn(4, 16)
+    model(x)  # calibrate
+    layers = [model[0], model[1]]
+    with torch.no_grad():  # every weight at a bin boundary: noise flips them back and forth
+        for layer in layers:
+            s = layer.weight_quantizer.scale
+            layer.weight.copy_((torch.randint(-3, 3, layer.weight.shape) + 0.5) * s)
+    base = [layer.weight.detach().clone() for layer in layers]
+    tracker = OscillationTracker(model, momentum=0.3)
+    grew = partial = 0
+    for step in range(40):
+        with torch.no_grad():
+            for layer, b in zip(layers, base):
+                s = layer.weight_quantizer.scale
+                layer.weight.copy_(torch.where(layer.frozen_mask, layer.weight, b + 0.01 * s * torch.randn_like(b)))
+        model(x)
+        if compiled_steps:
+            tracker.observe()
+        before = [int(layer.frozen_mask.sum()) for layer in layers]
+        tracker.step(freeze_threshold=0.45)
+        for layer, n in zip(layers, before):
+            frozen = int(layer.frozen_mask.sum())
+            grew += frozen > n
+            if frozen > n:  # eager: appended in place; after observe: stale until a forward reads it
+                assert layer._sparse_stale == compiled_steps
+            idx, vals = layer.frozen_sparse()
+            if frozen == 0:
+                assert idx is None
+                continue
+            expect = layer.frozen_mask.view(-1).nonzero().squeeze(1)
+            assert sorted(idx.tolist()) == expect.tolist()
+            got = dict(zip(idx.tolist(), vals.tolist()))
+            assert [got[i] for i in expect.tolist()] == layer.frozen_int.view(-1)[expect].float().tolist()
+            w_int = layer.weight_int().view(-1)
+            assert torch.equal(w_int[expect], layer.frozen_int.view(-1)[expect].float())
+            partial += 0 < frozen < layer.weight.numel()
+    assert grew >= 4 and partial >= 4  # the frozen sets grew over several steps, part-frozen between
