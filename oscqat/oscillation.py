@@ -612,8 +612,9 @@ class OscillationTracker:
         self._add_pins(self._weight_positions(new_idx, lid))  # at their latent values of this step
         cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
         if incremental:  # one split for all layers, not a slice per layer
-            local = (new_idx - c["starts"].index_select(0, lid)).split([b - a for a, b in zip(cuts, cuts[1:])])
-            vals = targets.split([b - a for a, b in zip(cuts, cuts[1:])])
+            counts = [b - a for a, b in zip(cuts, cuts[1:])]
+            local = (new_idx - c["starts"].index_select(0, lid)).split(counts)
+            vals = targets.split(counts)
         for i, (layer, a, b) in enumerate(zip(self._layer_list, cuts, cuts[1:])):
             if a != b:
                 layer.__dict__["_any_frozen"] = True
