@@ -863,3 +863,11 @@ def test_sparse_frozen_index_follows_freezing_step_by_step(compiled_steps):
             assert torch.equal(w_int[expect], layer.frozen_int.view(-1)[expect].float())
             partial += 0 < frozen < layer.weight.numel()
     assert grew >= 4 and partial >= 4  # the frozen sets grew over several steps, part-frozen between
+
+
+def test_tracked_weights_of_mixed_dtypes_are_refused_with_a_clear_error():
+    """The tracker moves all tracked weights into one flat tensor: it names the mix it cannot hold."""
+    model = nn.Sequential(QuantLinear(2, 2, bias=False, weight_bits=4), QuantLinear(2, 2, bias=False, weight_bits=4))
+    model[1].double()
+    with pytest.raises(ValueError, match=r"one dtype and device.*float64"):
+        OscillationTracker(model)
