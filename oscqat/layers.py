@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscqat.quantizer import LSQQuantizer, frozen_index
+from oscqat.quantizer import SCALE_EPS, LSQQuantizer, frozen_index
 
 QUANT_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -60,9 +60,11 @@ class QuantMixin:
         self._any_frozen = False
         self.fuse_dampening = False  # compute the dampening sum inside the quantizer's pass
         self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
-        # set by an OscillationTracker: the integer type its buffers use (a compiled forward's
-        # last_weight_int comes out in it); None while no tracker watches this layer
-        self.tracked_int_dtype: torch.dtype | None = None
+        # set by an OscillationTracker: this layer's slice (shaped like the weight) of the flat
+        # integer buffer the tracker reads; a compiled forward writes its integers there in place
+        # and hands over the slice itself. None while no tracker watches this layer.
+        self._int_sink: torch.Tensor | None = None
+        self._scale_sink: torch.Tensor | None = None  # the same for the clamped weight scale
         self.last_damp: torch.Tensor | None = None  # dampening sum of the latest forward (fused)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -153,10 +155,15 @@ class QuantMixin:
             frozen = self.frozen_sparse()
         w_hat, w_int, damp = self.weight_quantizer.quantize_with_dampening(self.weight, *frozen, want_damp=want_damp)
         if remember:  # the forward's integers, read by the tracker and the dampening loss
-            if self.tracked_int_dtype is not None and torch.compiler.is_compiling():
-                # a graph output in the tracker's type: a quarter of float32's writes at int8,
-                # and the tracker gathers them with one concatenation, no cast
-                w_int = w_int.to(self.tracked_int_dtype)
+            sink = self._int_sink
+            if (sink is not None and self.training and torch.is_grad_enabled() and sink.device == w_int.device
+                    and torch.compiler.is_compiling()):
+                # a compiled training step: the quantizer's own kernel writes the integers into the
+                # tracker's buffer (in its integer type, a quarter of float32's bytes at int8) and
+                # the clamped scale next to them; no graph outputs, nothing for the tracker to gather
+                sink.copy_(w_int)
+                w_int = sink
+                self._scale_sink.copy_(self.weight_quantizer.scale.detach().clamp_min(SCALE_EPS))
             self.last_weight_int = w_int
             self.last_damp = damp if want_damp else None
         return w_hat, w_int

@@ -170,9 +170,11 @@ class OscillationTracker:
         per_word = 8 // torch.tensor([], dtype=self._int_dtype).element_size()
         self._padded = -(-offset // (8 * per_word)) * 8 * per_word
         self._per_word = per_word
-        for layer in self._layer_list:  # a compiled forward hands over its integers in this type
-            layer.__dict__["tracked_int_dtype"] = self._int_dtype
         self._prev: torch.Tensor | None = None  # integers of the previous step (``_int_dtype``)
+        self._cur: torch.Tensor | None = None  # this step's integers; the layers' sinks view it
+        self._s_cur: torch.Tensor | None = None  # this step's clamped scales, the same way
+        self._sinks_fed = False  # the latest gather found every layer's integers in its sink
+        self._make_sinks(device)
         self._ema_dev: torch.Tensor | None = None  # (integer EMA - prev) / _decay
         self._decay = 1.0
         # Every non-frozen scaled frequency is <= _cleared (the last scaled threshold every weight
@@ -182,7 +184,6 @@ class OscillationTracker:
         # the last update's moved indices, and which of them oscillated (freeze candidates)
         self._flipped: tuple[torch.Tensor, torch.Tensor] | None = None
         self._dense_moves = True  # last update moved many integers: find them with one nonzero
-        self._spare: torch.Tensor | None = None  # the buffer the next step's integers go into
         self.steps = 0
         for layer in self.layers.values():  # keep x / s and s of each training forward (references)
             layer.weight_quantizer.record_forward = True
@@ -263,15 +264,16 @@ class OscillationTracker:
     def _weights_linked(self) -> bool:
         return all(p["weight"].data_ptr() == ptr for p, ptr in zip(self._weight_params, self._w_ptrs))
 
-    def _sync_layers(self) -> None:
-        """Relink replaced buffers and weights; take in weights frozen by hand (``refresh_frozen``,
-        ``freeze_weights``, a model load) since the last step: their frequency is zeroed, so they
-        are never candidates again, and they are pinned from now on at their current values."""
+    def _sync_layers(self, relink: bool = True) -> None:
+        """Relink replaced buffers and weights (``relink``); take in weights frozen by hand
+        (``refresh_frozen``, ``freeze_weights``, a model load) since the last step: their
+        frequency is zeroed, so they are never candidates again, and they are pinned from now on
+        at their current values."""
         if not self.layers:
             return
-        if not self._frozen_linked():
+        if relink and not self._frozen_linked():
             self._link_frozen()
-        if not self._weights_linked():
+        if relink and not self._weights_linked():
             self._link_weights()
         changed = False
         for i, layer in enumerate(self._layer_list):
@@ -323,13 +325,24 @@ class OscillationTracker:
             lid = torch.searchsorted(c["starts"], idx, right=True).sub_(1)
         return idx + c["wshift"].index_select(0, lid)
 
-    def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
-        """All layers' latest forward integers as one flat tensor, and the layers that had none.
+    def _make_sinks(self, device: torch.device) -> None:
+        """Fresh ``_cur`` (integers) and ``_s_cur`` (clamped scales) buffers on ``device``, and
+        each layer's sinks: its slices of them, which a compiled forward writes in place."""
+        self._cur = self._int_buffer(device)
+        self._s_cur = torch.ones(self._scale_starts[-1], device=device)
+        for i, (layer, st) in enumerate(zip(self._layer_list, self.states.values())):
+            layer.__dict__["_int_sink"] = self._cur[st._slice].view(st._shape)
+            scale = self._quant_params[i]["scale"]
+            layer.__dict__["_scale_sink"] = self._s_cur[self._scale_starts[i]:self._scale_starts[i + 1]].view(scale.shape)
 
-        The flat tensor is one of two buffers kept across steps (the other holds ``_prev``):
-        a fresh multi-megabyte tensor per step costs page faults that outweigh the copy. A
-        compiled forward already hands over ``_int_dtype`` integers (one concatenation); an
-        eager one float integers, cast on the copy into the buffer.
+    def _gather_ints(self) -> tuple[torch.Tensor | None, list[str]]:
+        """All layers' latest forward integers as one flat tensor (``_cur``), and the layers that
+        had none (they get their previous integers).
+
+        ``_cur`` is kept across steps: a fresh multi-megabyte tensor per step costs page faults
+        that outweigh the copy. A compiled forward wrote its integers into it already (each
+        layer's sink), so then nothing is copied; an eager one hands over float integers, cast
+        on the copy into it.
         """
         parts, missing = [], []
         for name, layer in self.layers.items():
@@ -340,7 +353,7 @@ class OscillationTracker:
                     x_int = layer.weight_int()
                 else:
                     x_int = self._prev[self.states[name]._slice]
-            parts.append(x_int.reshape(-1))
+            parts.append(x_int)
         if len(missing) == len(self.layers):
             return None, missing
         device = parts[0].device
@@ -350,14 +363,15 @@ class OscillationTracker:
                 self._prev, self._ema_dev = self._int_buffer(device).copy_(self._prev), self._ema_dev.to(device)
             if self._s_prev is not None:
                 self._s_prev = self._s_prev.to(device)
-            self._spare = None
-        if self._spare is None or self._spare is self._prev:
-            self._spare = self._int_buffer(device)
-        if all(part.dtype == self._int_dtype for part in parts):
-            return torch.cat(parts, out=self._spare), missing
-        for part, lo, hi in zip(parts, self._starts, self._starts[1:]):
-            self._spare[lo:hi].copy_(part)
-        return self._spare, missing
+        if self._cur.device != device:  # the next compiled forward writes into the new sinks
+            self._make_sinks(device)
+        fed = True  # every layer's integers (and scales) came from a compiled forward's sinks
+        for part, layer, lo, hi in zip(parts, self._layer_list, self._starts, self._starts[1:]):
+            if part is not layer._int_sink:
+                self._cur[lo:hi].copy_(part.reshape(-1))
+                fed = False
+        self._sinks_fed = fed
+        return self._cur, missing
 
     def _int_buffer(self, device: torch.device) -> torch.Tensor:
         """A flat ``_int_dtype`` buffer of ``numel`` integers on storage padded (with zeros) to
@@ -374,6 +388,8 @@ class OscillationTracker:
         of that forward; the result equals ``step`` alone on a recorded forward.
         """
         self._flipped = None
+        if self.layers and not self._frozen_linked():  # step() relies on both links checked here
+            self._link_frozen()
         if self.layers and not self._weights_linked():  # the attribution reads the flat weights
             self._link_weights()
         x, missing = self._gather_ints() if self.layers else (None, [])
@@ -381,7 +397,11 @@ class OscillationTracker:
             self._update(x, missing, live=True)
         self._consume()
         if x is not None:  # this forward's scales are the next update's "previous" ones
-            self._s_prev = self._flat_scales([q["scale"] for q in self._quant_params], missing)
+            if self._sinks_fed:  # the graph wrote them (clamped) into _s_cur
+                self._s_prev = self._s_cur.clone()
+                self._has_s_prev = [True] * len(self.layers)
+            else:
+                self._s_prev = self._flat_scales([q["scale"] for q in self._quant_params], missing)
         self._observed = True
 
     @torch.no_grad()
@@ -403,7 +423,9 @@ class OscillationTracker:
                 if any(t is not None for t in last):
                     s_now = self._flat_scales(last, [n for n, t in zip(self.layers, last) if t is None])
                 self._update(x, missing, s_now=s_now)
-        self._sync_layers()  # after the update: a weight frozen by hand is never a candidate
+        # after the update: a weight frozen by hand is never a candidate (observe() checked the
+        # links of this step's weights already: only the optimizer step ran since, in place)
+        self._sync_layers(relink=not observed)
         if freeze_threshold > 0.0 and self.layers:
             scaled = freeze_threshold / self._decay
             if scaled >= self._cleared:  # only weights that just flipped can have crossed it
@@ -541,7 +563,7 @@ class OscillationTracker:
     def _update(self, x: torch.Tensor, missing: list[str], live: bool = False,
                 s_now: torch.Tensor | None = None) -> None:
         if self._prev is None:
-            self._prev, self._ema_dev = x, torch.zeros(x.shape, device=x.device)
+            self._prev, self._ema_dev = self._int_buffer(x.device).copy_(x), torch.zeros(x.shape, device=x.device)
             return
         kept = {name: (self.states[name]._slice, self._freq[self.states[name]._slice].clone(),
                        self._last_dir[self.states[name]._slice].clone(),
@@ -554,7 +576,9 @@ class OscillationTracker:
         self._decay *= 1.0 - m
         if moved.numel():
             # index_select / scatter_ / index_add_: 2-4x faster on a CPU than x[idx] and x[idx] = v
-            step = x.index_select(0, moved).float().sub_(self._prev.index_select(0, moved))
+            now = x.index_select(0, moved)
+            step = now.float().sub_(self._prev.index_select(0, moved))
+            self._prev.index_copy_(0, moved, now)  # _prev takes this step's integers: only these differ
             direction = step.sign()
             osc = direction * self._last_dir.index_select(0, moved) < 0
             # f_t = (1-m) f_{t-1} + m o_t  <=>  _freq += m / decay_t where o_t = 1 (adds 0 elsewhere)
@@ -563,7 +587,6 @@ class OscillationTracker:
             self._last_dir.scatter_(0, moved, direction)
             # x_ema_t - x_t = (1-m) (x_ema_{t-1} - x_{t-1} - delta)  <=>  _ema_dev -= delta / decay_{t-1}
             self._ema_dev.index_add_(0, moved, step.div_(old_decay), alpha=-1)
-        self._prev, self._spare = x, self._prev
         for sl, freq, last_dir, ema_dev in kept.values():  # a layer without a forward keeps its state
             self._freq[sl] = freq * (old_decay / self._decay)
             self._last_dir[sl] = last_dir

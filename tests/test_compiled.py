@@ -93,6 +93,34 @@ def test_compiled_step_equals_eager_on_the_same_state(runs):
         assert float((grads_c[name] - g).norm()) <= 1e-3 * float(g.norm()) + 1e-9, name
 
 
+def test_compiled_forward_writes_the_trackers_integers_and_scales_in_place(runs):
+    """A compiled training forward hands the tracker nothing to gather: each tracked layer's
+    quantizer kernel wrote its integers (and clamped scale) into the layer's slice of the
+    tracker's flat buffers, and ``last_weight_int`` is that slice. What the tracker then reads
+    equals the integers and scales an eager pass computes from the same state."""
+    from oscqat.quantizer import SCALE_EPS
+
+    _, _, trainer, _ = runs
+    tracker, model = trainer.tracker, trainer.model
+    x, y = next(iter(trainer.data.train))
+    tracker._cur.fill_(99)  # no integer of a 3-bit grid: a slice the graph did not write shows
+    tracker._s_cur.fill_(-1.0)
+    model.train()
+    trainer.compiled(x, y, torch.tensor(0.1))
+    assert trainer.compiled.last_call_compiled is False and trainer.compiled.compiled_calls > 0
+    tracked = _tracked(trainer)
+    for i, (name, layer) in enumerate(tracked.items()):
+        st = tracker.states[name]
+        assert layer.last_weight_int is layer._int_sink, name
+        assert torch.equal(tracker._cur[st._slice].view(st._shape).float(), layer.weight_int()), name
+        a, b = tracker._scale_starts[i], tracker._scale_starts[i + 1]
+        scale = layer.weight_quantizer.scale.detach().clamp_min(SCALE_EPS).reshape(-1)
+        assert torch.equal(tracker._s_cur[a:b], scale), name
+    x_flat, missing = tracker._gather_ints()
+    assert x_flat is tracker._cur and not missing and tracker._sinks_fed
+    tracker._consume()
+
+
 def test_compiled_run_follows_eager(runs):
     """Over 2 epochs (36 steps, weights freezing throughout) the runs drift apart only as float
     reassociation makes them: Inductor sums in another order (BN statistics, the scale gradient's
@@ -105,8 +133,8 @@ def test_compiled_run_follows_eager(runs):
         assert b["dampen_loss"] == pytest.approx(a["dampen_loss"], rel=1e-2)
         assert b["frozen_frac"] == pytest.approx(a["frozen_frac"], rel=0.05)
         assert abs(b["val_top1"] - a["val_top1"]) <= 0.02
-        # the tracker's dense half ran in the graph (OscillationTracker.forward_stats): the
-        # scale-driven share of the integer changes is still measured (0 if it had fallen back)
+        # the graph keeps no x / s, yet the scale-driven share of the integer changes is still
+        # measured (OscillationTracker.observe, from the live weights and the graph's scale sinks)
         assert b["scale_flip_frac"] > 0
         assert b["scale_flip_frac"] == pytest.approx(a["scale_flip_frac"], rel=0.25)
     differ = total = frozen_e = frozen_c = frozen_both = 0
