@@ -1,5 +1,6 @@
-"""bench/step_time.py end to end at toy sizes: the JSON carries every ratio whose two sides ran,
-its interval and the raw times; a bad --variants is refused before anything runs or is written."""
+"""bench/step_time.py and bench/ab_inprocess.py end to end at toy sizes: the JSON carries every
+ratio whose two sides ran, its interval and the raw times; bad input is refused before anything
+runs or is written."""
 
 import json
 import os
@@ -36,4 +37,38 @@ def test_unknown_variant_is_refused_and_nothing_is_written(tmp_path):
     res = _bench("--variants", "lsq,nope", "--json", str(out))
     assert res.returncode == 2
     assert "unknown ['nope']" in res.stderr and "compiled lsq+track" in res.stderr
+    assert not out.exists()
+
+
+def _ab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "ab_inprocess.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_in_process_ab_pairs_a_commit_with_the_working_tree(tmp_path):
+    """Both versions of the eager full step in one process, reseeded per step: with the library
+    unchanged since HEAD, the two sides stay bit-identical (same weights, same frozen fraction)."""
+    out = tmp_path / "ab.json"
+    res = _ab("--before", "HEAD", "--variants", "lsq,full", "--rounds", "6", "--warmup", "1", "--batch", "4",
+              "--size", "16", "--threads", "1", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert set(data["median_ms"]) == {"before lsq", "after lsq", "before full", "after full"}
+    assert set(data["after_over_before"]) == {"lsq", "full"}
+    assert set(data["over_first_variant"]) == {"before full", "after full"}
+    lo, hi = data["after_over_before"]["full"]["ci95"]
+    assert lo <= data["after_over_before"]["full"]["paired"] <= hi
+    assert "after full / before full" in res.stdout
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "oscqat", "bench/step_time.py"], cwd=ROOT).returncode == 0
+    if clean:  # what CI runs: the working tree is HEAD
+        assert data["identical"]["full"]["max_weight_gap"] == 0.0
+        frac_before, frac_after = data["identical"]["full"]["frozen_frac"]
+        assert frac_before == frac_after
+
+
+def test_in_process_ab_refuses_an_unknown_commit_and_writes_nothing(tmp_path):
+    out = tmp_path / "ab.json"
+    res = _ab("--before", "no-such-ref", "--variants", "lsq", "--json", str(out))
+    assert res.returncode != 0
+    assert "cannot read 'no-such-ref' from git" in res.stderr
     assert not out.exists()
