@@ -12,7 +12,7 @@ draws the same dropout masks. A change that should not alter the numbers then le
 sides bit-identical, and the script reports how far their weights and frozen sets moved apart.
 
     python bench/ab_inprocess.py --before HEAD~1 [--variants "compiled lsq,compiled full"]
-                                 [--rounds 500] [--threads 2] [--json FILE]
+                                 [--rounds 500] [--threads 2] [--repo DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORT = re.compile(r"\boscqat(?=[.\s]|$)", re.M)  # the package name in imports and import_module strings
 
 
-def load_before(commit: str, into: Path):
-    """``bench/step_time.py`` of ``commit``, importing that commit's library as ``oscqat_before``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "oscqat", "bench/step_time.py"],
+def load_before(commit: str, into: Path, repo: Path = ROOT):
+    """``bench/step_time.py`` of ``commit`` in ``repo``, importing that commit's library as ``oscqat_before``."""
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "oscqat", "bench/step_time.py"],
                              capture_output=True, check=False)
     if archive.returncode != 0:
         raise SystemExit(f"ab_inprocess: cannot read {commit!r} from git: {archive.stderr.decode().strip()}")
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repo", default=str(ROOT), help="git repository holding --before (default: this checkout)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"ab_inprocess: unknown variants {unknown}; known: {sorted(known)}")
     with tempfile.TemporaryDirectory(prefix="ab_before_") as tmp:
-        before = load_before(args.before, Path(tmp))
+        before = load_before(args.before, Path(tmp), Path(args.repo))
         runs = {}
         for v in variants:
             for side, module in (("before", before), ("after", after)):
