@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in variants if v not in known]
     if unknown:
         raise SystemExit(f"ab_inprocess: unknown variants {unknown}; known: {sorted(known)}")
+    # the copy stays on disk until the end: the library imports some modules lazily
     with tempfile.TemporaryDirectory(prefix="ab_before_") as tmp:
         before = load_before(args.before, Path(tmp), Path(args.repo))
         runs = {}
@@ -102,41 +103,41 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[n].step()
                 times[n].append(time.perf_counter() - t0)
 
-    def paired(a: str, b: str) -> dict:
-        ratios = [x / y for x, y in zip(times[a], times[b])]
-        ci = median_ci(ratios)
-        return {"paired": statistics.median(ratios), "ci95": list(ci) if ci else None,
-                "of_medians": statistics.median(times[a]) / statistics.median(times[b])}
+        def paired(a: str, b: str) -> dict:
+            ratios = [x / y for x, y in zip(times[a], times[b])]
+            ci = median_ci(ratios)
+            return {"paired": statistics.median(ratios), "ci95": list(ci) if ci else None,
+                    "of_medians": statistics.median(times[a]) / statistics.median(times[b])}
 
-    result = {"before": args.before, "rounds": args.rounds, "threads": args.threads,
-              "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
-              "phases_ms": {n: {p: statistics.median(s[args.warmup:]) * 1e3 for p, s in runs[n].phases.items()}
-                            for n in names},
-              "after_over_before": {v: paired(f"after {v}", f"before {v}") for v in variants},
-              "over_first_variant": {f"{side} {v}": paired(f"{side} {v}", f"{side} {variants[0]}")
-                                     for v in variants[1:] for side in ("before", "after")},
-              "identical": {}}
-    for v in variants:
-        a, b = runs[f"before {v}"], runs[f"after {v}"]
-        entry = {"max_weight_gap": max_weight_gap(a, b)}
-        if a.tracker is not None and b.tracker is not None:
-            entry["frozen_frac"] = [a.tracker.summary()["frozen_frac"], b.tracker.summary()["frozen_frac"]]
-        result["identical"][v] = entry
-    print(f"\n{'variant':34s} {'median (ms)':>11s}   phases (ms)")
-    for n in names:
-        phases = "  ".join(f"{p} {t:.2f}" for p, t in result["phases_ms"][n].items())
-        print(f"{n:34s} {result['median_ms'][n]:11.1f}   {phases}")
-    print()
-    for key, group in (("after / before", result["after_over_before"]), ("over first", result["over_first_variant"])):
-        for name, r in group.items():
-            ci = "-".join(f"{c:.4f}" for c in r["ci95"]) if r["ci95"] else "n/a"
-            label = f"after {name} / before {name}" if key == "after / before" else f"{name} / {name.split(' ', 1)[0]} {variants[0]}"
-            print(f"{label:60s} paired {r['paired']:.4f} [{ci}]  of medians {r['of_medians']:.4f}")
-    for v, entry in result["identical"].items():
-        print(f"{v}: before/after weights differ by at most {entry['max_weight_gap']:.3g}"
-              + (f", frozen fraction {entry['frozen_frac'][0]:.5f} / {entry['frozen_frac'][1]:.5f}" if "frozen_frac" in entry else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        result = {"before": args.before, "rounds": args.rounds, "threads": args.threads,
+                  "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
+                  "phases_ms": {n: {p: statistics.median(s[args.warmup:]) * 1e3 for p, s in runs[n].phases.items()}
+                                for n in names},
+                  "after_over_before": {v: paired(f"after {v}", f"before {v}") for v in variants},
+                  "over_first_variant": {f"{side} {v}": paired(f"{side} {v}", f"{side} {variants[0]}")
+                                         for v in variants[1:] for side in ("before", "after")},
+                  "identical": {}}
+        for v in variants:
+            a, b = runs[f"before {v}"], runs[f"after {v}"]
+            entry = {"max_weight_gap": max_weight_gap(a, b)}
+            if a.tracker is not None and b.tracker is not None:
+                entry["frozen_frac"] = [a.tracker.summary()["frozen_frac"], b.tracker.summary()["frozen_frac"]]
+            result["identical"][v] = entry
+        print(f"\n{'variant':34s} {'median (ms)':>11s}   phases (ms)")
+        for n in names:
+            phases = "  ".join(f"{p} {t:.2f}" for p, t in result["phases_ms"][n].items())
+            print(f"{n:34s} {result['median_ms'][n]:11.1f}   {phases}")
+        print()
+        for key, group in (("after / before", result["after_over_before"]), ("over first", result["over_first_variant"])):
+            for name, r in group.items():
+                ci = "-".join(f"{c:.4f}" for c in r["ci95"]) if r["ci95"] else "n/a"
+                label = f"after {name} / before {name}" if key == "after / before" else f"{name} / {name.split(' ', 1)[0]} {variants[0]}"
+                print(f"{label:60s} paired {r['paired']:.4f} [{ci}]  of medians {r['of_medians']:.4f}")
+        for v, entry in result["identical"].items():
+            print(f"{v}: before/after weights differ by at most {entry['max_weight_gap']:.3g}"
+                  + (f", frozen fraction {entry['frozen_frac'][0]:.5f} / {entry['frozen_frac'][1]:.5f}" if "frozen_frac" in entry else ""))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
     return result
 
 
