@@ -62,7 +62,8 @@ class QuantMixin:
         self.last_weight_int: torch.Tensor | None = None  # integer weight of the latest forward
         # set by an OscillationTracker: this layer's slice (shaped like the weight) of the flat
         # integer buffer the tracker reads; a compiled forward writes its integers there in place
-        # and hands over the slice itself. None while no tracker watches this layer.
+        # and hands over the slice itself (so a compiled step's last_weight_int is overwritten by
+        # the next compiled forward: clone it to keep it). None while no tracker watches this layer.
         self._int_sink: torch.Tensor | None = None
         self._scale_sink: torch.Tensor | None = None  # the same for the clamped weight scale
         self.last_damp: torch.Tensor | None = None  # dampening sum of the latest forward (fused)
