@@ -74,9 +74,13 @@ def test_in_process_ab_pairs_a_commit_with_the_working_tree(tmp_path):
     assert frac_before == frac_after
 
 
-def test_in_process_ab_refuses_an_unknown_commit_and_writes_nothing(tmp_path):
+def test_in_process_ab_refuses_an_unknown_commit_or_variant_and_writes_nothing(tmp_path):
     out = tmp_path / "ab.json"
     res = _ab("--before", "no-such-ref", "--repo", str(ROOT), "--variants", "lsq", "--json", str(out))
     assert res.returncode != 0
     assert "cannot read 'no-such-ref' from git" in res.stderr
+    assert not out.exists()
+    res = _ab("--before", "HEAD", "--variants", "lsq,nope", "--json", str(out))
+    assert res.returncode != 0
+    assert "unknown variants ['nope']" in res.stderr and "compiled full" in res.stderr
     assert not out.exists()
