@@ -21,9 +21,12 @@ it out for every weight.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
+from oscqat import native
 from oscqat.layers import QuantMixin, quant_layers
 from oscqat.quantizer import SCALE_EPS
 
@@ -184,6 +187,14 @@ class OscillationTracker:
         # the last update's moved indices, and which of them oscillated (freeze candidates)
         self._flipped: tuple[torch.Tensor, torch.Tensor] | None = None
         self._dense_moves = True  # last update moved many integers: find them with one nonzero
+        # The sparse update in native CPU loops (oscqat.native, bit-identical) where they build;
+        # False forces the torch ops (the reference).
+        self.use_native = True
+        self._moved_buf = torch.empty(max(self.numel // 64, 1024), dtype=torch.int64)  # native: moved indices
+        self._osc_buf = torch.empty(self._moved_buf.numel(), dtype=torch.uint8)  # and which oscillated
+        self._cand_buf = torch.empty(0, dtype=torch.int64)  # native: freeze candidates
+        self._n_same, self._n_attributed = ctypes.c_int64(), ctypes.c_int64()
+        self._attributable = None  # (per-layer flags, as a uint8 tensor) for the native attribution
         self.steps = 0
         for layer in self.layers.values():  # keep x / s and s of each training forward (references)
             layer.weight_quantizer.record_forward = True
@@ -292,22 +303,31 @@ class OscillationTracker:
         just taken (momentum, weight decay): one scatter over the flat weights."""
         n = self._n_pins
         if n:
-            self._flat_w.scatter_(0, self._pin_pos[:n], self._pin_latent[:n])
+            lib = self._native_lib(self._flat_w)
+            if lib is not None:
+                lib.oscqat_pin(self._flat_w.data_ptr(), self._pin_pos.data_ptr(), self._pin_latent.data_ptr(), n)
+            else:
+                self._flat_w.scatter_(0, self._pin_pos[:n], self._pin_latent[:n])
 
     def _add_pins(self, wpos: torch.Tensor) -> None:
         """Pin the weights at flat-weight positions ``wpos`` (not pinned yet) at their current values."""
         k, n = wpos.numel(), self._n_pins
+        self._reserve_pins(k, wpos.device)
+        self._pin_pos[n:n + k].copy_(wpos)
+        torch.index_select(self._flat_w, 0, wpos, out=self._pin_latent[n:n + k])
+        self._n_pins = n + k
+
+    def _reserve_pins(self, k: int, device: torch.device) -> None:
+        """Room for ``k`` more pins in the pin store (doubling, so appends stay amortised O(1))."""
+        n = self._n_pins
         if self._pin_pos is None or self._pin_pos.numel() < n + k:
             cap = max(2 * (n + k), 1024)
-            pos = torch.empty(cap, dtype=torch.int64, device=wpos.device)
-            latent = torch.empty(cap, dtype=self._flat_w.dtype, device=wpos.device)
+            pos = torch.empty(cap, dtype=torch.int64, device=device)
+            latent = torch.empty(cap, dtype=self._flat_w.dtype, device=device)
             if n:
                 pos[:n].copy_(self._pin_pos[:n])
                 latent[:n].copy_(self._pin_latent[:n])
             self._pin_pos, self._pin_latent = pos, latent
-        self._pin_pos[n:n + k].copy_(wpos)
-        torch.index_select(self._flat_w, 0, wpos, out=self._pin_latent[n:n + k])
-        self._n_pins = n + k
 
     def _rebuild_pins(self) -> None:
         """Pin every frozen weight at its current value (all layers, from the dense masks)."""
@@ -431,8 +451,7 @@ class OscillationTracker:
             if scaled >= self._cleared:  # only weights that just flipped can have crossed it
                 new = None
                 if self._flipped is not None:
-                    moved, osc = self._flipped
-                    new = moved[osc.logical_and_(self._freq.index_select(0, moved) > scaled)]
+                    new = self._candidates(*self._flipped, scaled)
             elif float(self._freq.max()) > scaled:
                 new = torch.nonzero(self._freq > scaled).squeeze(1)
             else:
@@ -560,6 +579,55 @@ class OscillationTracker:
         self._dense_moves = moved.numel() * 256 > x.numel()
         return moved
 
+    def _native_lib(self, x: torch.Tensor):
+        """The native CPU loops (``oscqat.native``) when they apply here, else None (torch ops)."""
+        if not self.use_native or x.device.type != "cpu" or self._freq.dtype != torch.float32:
+            return None
+        if self._flat_w is None or self._flat_w.dtype != torch.float32 or self._flat_w.device.type != "cpu":
+            return None
+        if self._s_prev is not None and (self._s_prev.dtype != torch.float32 or not self._s_prev.is_contiguous()):
+            return None
+        return native.load()
+
+    def _moved_native(self, lib, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """``_moved`` in one native pass: a view of a buffer reused at the next update."""
+        size = x.element_size()
+        args = (x.data_ptr(), prev.data_ptr(), self.numel, self._padded * size // 8, size)
+        cap = self._moved_buf.numel()
+        n = lib.oscqat_find_moved(*args, self._moved_buf.data_ptr(), cap)
+        if n > cap:  # more moved than ever before: grow and search again (nothing was changed)
+            self._moved_buf = torch.empty(max(n, 2 * cap), dtype=torch.int64)
+            self._osc_buf = torch.empty(self._moved_buf.numel(), dtype=torch.uint8)
+            n = lib.oscqat_find_moved(*args, self._moved_buf.data_ptr(), self._moved_buf.numel())
+        return self._moved_buf[:n]
+
+    def _update_native(self, lib, moved: torch.Tensor, x: torch.Tensor, missing: list[str], live: bool,
+                       old_decay: float) -> None:
+        """The moved integers' update of ``_update`` (and, ``live``, the attribution of
+        ``_attribute``) in one native loop; the same float32 arithmetic, bit for bit."""
+        c = self._constants(x.device)
+        attribute = live and self._s_prev is not None
+        if attribute:
+            flags = [has and not (missing and name in missing) for has, name in zip(self._has_s_prev, self._names)]
+            if self._attributable is None or self._attributable[0] != flags:
+                self._attributable = (flags, torch.tensor(flags, dtype=torch.uint8))
+            attributable, s_prev = self._attributable[1], self._s_prev
+        else:
+            attributable, s_prev = c["lo"], self._freq  # not read
+        n = moved.numel()
+        lib.oscqat_update_moved(
+            moved.data_ptr(), n, x.element_size(), x.data_ptr(), self._prev.data_ptr(), self._freq.data_ptr(),
+            self._last_dir.data_ptr(), self._ema_dev.data_ptr(), self._osc_buf.data_ptr(),
+            self.momentum / self._decay, old_decay, int(attribute), self._flat_w.data_ptr(), s_prev.data_ptr(),
+            c["starts"].data_ptr(), c["wshift"].data_ptr(), c["per_scale"].data_ptr(), c["scale_starts"].data_ptr(),
+            c["lo"].data_ptr(), c["hi"].data_ptr(), attributable.data_ptr(), len(self._layer_list),
+            ctypes.addressof(self._n_same), ctypes.addressof(self._n_attributed))
+        if attribute:
+            self._flips_total += self._n_attributed.value
+            same = self._n_same.value
+            self._flips_scale = same if self._flips_scale is None else self._flips_scale + same
+        self._flipped = moved, self._osc_buf[:n].view(torch.bool)
+
     def _update(self, x: torch.Tensor, missing: list[str], live: bool = False,
                 s_now: torch.Tensor | None = None) -> None:
         if self._prev is None:
@@ -568,13 +636,16 @@ class OscillationTracker:
         kept = {name: (self.states[name]._slice, self._freq[self.states[name]._slice].clone(),
                        self._last_dir[self.states[name]._slice].clone(),
                        self._ema_dev[self.states[name]._slice].clone()) for name in missing}
-        moved = self._moved(x, self._prev)
-        if moved.numel():
+        lib = self._native_lib(x)
+        moved = self._moved_native(lib, x, self._prev) if lib is not None else self._moved(x, self._prev)
+        if moved.numel() and not (lib is not None and live):  # the native update attributes live itself
             self._attribute(moved, missing, live, s_now)
         m = self.momentum
         old_decay = self._decay
         self._decay *= 1.0 - m
-        if moved.numel():
+        if moved.numel() and lib is not None:
+            self._update_native(lib, moved, x, missing, live, old_decay)
+        elif moved.numel():
             # index_select / scatter_ / index_add_: 2-4x faster on a CPU than x[idx] and x[idx] = v
             now = x.index_select(0, moved)
             step = now.float().sub_(self._prev.index_select(0, moved))
@@ -616,38 +687,72 @@ class OscillationTracker:
         stale. The cost grows with the number of newly frozen weights and the layers they sit
         in, not with the model, so freezing a few weights every step stays cheap.
         """
-        c = self._constants(new_idx.device)
-        old_prev = self._prev.index_select(0, new_idx).float()
-        targets = torch.round(old_prev + self._ema_dev.index_select(0, new_idx) * self._decay)
-        lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)  # each index's layer
-        shared = self._bounds()[0]
-        if shared is not None:
-            targets.clamp_(*shared)
+        lib = self._native_lib(new_idx)
+        if lib is not None:
+            targets, local, counts = self._freeze_native(lib, new_idx)
         else:
-            targets = torch.clamp(targets, c["lo"].index_select(0, lid), c["hi"].index_select(0, lid))
-        # Frozen from the next forward on, the integer never moves again: frequency 0, and the
-        # history restarts at the pinned value, so the jump to it is no oscillation.
-        self._freq.index_fill_(0, new_idx, 0.0)
-        self._last_dir.index_fill_(0, new_idx, 0.0)
-        self._frozen_mask.index_fill_(0, new_idx, True)
-        ints8 = targets.to(torch.int8)
-        self._frozen_int.scatter_(0, new_idx, ints8)
-        self._add_pins(self._weight_positions(new_idx, lid))  # at their latent values of this step
-        cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
-        if incremental:  # one split for all layers, not a slice per layer
+            c = self._constants(new_idx.device)
+            old_prev = self._prev.index_select(0, new_idx).float()
+            targets = torch.round(old_prev + self._ema_dev.index_select(0, new_idx) * self._decay)
+            lid = torch.searchsorted(c["starts"], new_idx, right=True).sub_(1)  # each index's layer
+            shared = self._bounds()[0]
+            if shared is not None:
+                targets.clamp_(*shared)
+            else:
+                targets = torch.clamp(targets, c["lo"].index_select(0, lid), c["hi"].index_select(0, lid))
+            # Frozen from the next forward on, the integer never moves again: frequency 0, and the
+            # history restarts at the pinned value, so the jump to it is no oscillation.
+            self._freq.index_fill_(0, new_idx, 0.0)
+            self._last_dir.index_fill_(0, new_idx, 0.0)
+            self._frozen_mask.index_fill_(0, new_idx, True)
+            ints8 = targets.to(torch.int8)
+            self._frozen_int.scatter_(0, new_idx, ints8)
+            self._add_pins(self._weight_positions(new_idx, lid))  # at their latent values of this step
+            self._prev.scatter_(0, new_idx, ints8 if self._int_dtype == torch.int8 else targets.to(self._int_dtype))
+            # the EMA itself is unchanged
+            self._ema_dev.index_add_(0, new_idx, (targets - old_prev).div_(self._decay), alpha=-1)
+            cuts = torch.searchsorted(new_idx, c["starts"]).tolist()
             counts = [b - a for a, b in zip(cuts, cuts[1:])]
-            local = (new_idx - c["starts"].index_select(0, lid)).split(counts)
-            vals = targets.split(counts)
-        for i, (layer, a, b) in enumerate(zip(self._layer_list, cuts, cuts[1:])):
-            if a != b:
+            local = (new_idx - c["starts"].index_select(0, lid)) if incremental else None
+        if incremental:  # one split for all layers, not a slice per layer
+            local, vals = local.split(counts), targets.split(counts)
+        for i, (layer, n) in enumerate(zip(self._layer_list, counts)):
+            if n:
                 layer.__dict__["_any_frozen"] = True
                 if incremental and not layer._sparse_stale:  # an eager step: its next forward reads it
                     layer._append_sparse(local[i], vals[i])
                 else:  # a compiled step reads the dense buffers; an eager forward rebuilds it
                     layer.__dict__["_sparse_stale"] = True
-        self._prev.scatter_(0, new_idx, ints8 if self._int_dtype == torch.int8 else targets.to(self._int_dtype))
-        # the EMA itself is unchanged
-        self._ema_dev.index_add_(0, new_idx, (targets - old_prev).div_(self._decay), alpha=-1)
+
+    def _freeze_native(self, lib, new_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The torch half of ``_freeze`` in one native loop (bit for bit); returns the pinned
+        integers (float), each index's position in its layer and each layer's count."""
+        c = self._constants(new_idx.device)
+        k, n = new_idx.numel(), self._n_pins
+        self._reserve_pins(k, new_idx.device)
+        targets = torch.empty(k)
+        local = torch.empty(k, dtype=torch.int64)
+        counts = torch.empty(len(self._layer_list), dtype=torch.int64)
+        lib.oscqat_freeze(
+            new_idx.data_ptr(), k, self._prev.element_size(), self._prev.data_ptr(), self._ema_dev.data_ptr(),
+            self._decay, self._freq.data_ptr(), self._last_dir.data_ptr(), self._frozen_mask.data_ptr(),
+            self._frozen_int.data_ptr(), c["starts"].data_ptr(), c["wshift"].data_ptr(), c["lo"].data_ptr(),
+            c["hi"].data_ptr(), len(self._layer_list), self._flat_w.data_ptr(), self._pin_pos[n:].data_ptr(),
+            self._pin_latent[n:].data_ptr(), targets.data_ptr(), local.data_ptr(), counts.data_ptr())
+        self._n_pins = n + k
+        return targets, local, counts.tolist()
+
+    def _candidates(self, moved: torch.Tensor, osc: torch.Tensor, scaled: float) -> torch.Tensor:
+        """The freeze candidates among the last update's moves: those that oscillated and whose
+        (scaled) frequency now exceeds ``scaled``."""
+        lib = self._native_lib(moved)
+        if lib is None or not (moved.is_contiguous() and osc.is_contiguous()):
+            return moved[osc.logical_and_(self._freq.index_select(0, moved) > scaled)]
+        if self._cand_buf.numel() < moved.numel():
+            self._cand_buf = torch.empty(moved.numel(), dtype=torch.int64)
+        n = lib.oscqat_candidates(moved.data_ptr(), moved.numel(), osc.data_ptr(), self._freq.data_ptr(), scaled,
+                                  self._cand_buf.data_ptr())
+        return self._cand_buf[:n]
 
     def _bounds(self):
         """``(shared (n, p) or None, per-layer list)``: one clamp when all layers share bits."""
