@@ -18,6 +18,10 @@ from torch import nn
 from oscqat import OscillationTracker, QuantConfig, native, quant_layers, quantize_model
 
 
+needs_cc = pytest.mark.skipif(native._compiler() is None,
+                              reason="no C compiler here: the tracker uses its torch ops (tested everywhere)")
+
+
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """``oscqat.native`` as in a new process, caching into an empty directory."""
@@ -39,6 +43,7 @@ def _mixed_model(per_channel: bool) -> nn.Module:
     return model
 
 
+@needs_cc
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
 @pytest.mark.parametrize("live", [False, True], ids=["recorded", "observe"])
 def test_native_and_torch_trackers_stay_bit_identical_through_training(per_channel, live):
@@ -132,6 +137,7 @@ def test_no_compiler_is_a_named_reason(monkeypatch, fresh_native, tmp_path):
         assert native.load() is None
 
 
+@needs_cc
 def test_the_build_is_cached_and_concurrent_builds_agree(monkeypatch, fresh_native):
     """Trials of one campaign start together: their builds race for the same name and each
     must end with a complete library (write to a temp name, then rename); a later process finds
