@@ -8,6 +8,8 @@
 #      sees it) and the same loop over a batch already on the GPU;
 #   2b. the same with TrainConfig compile (torch.compile, Inductor): compiled fp32, fp32 +bf16, lsq,
 #      dampen+freeze, dampen+freeze +bf16, with each compilation time; rows are written as they finish;
+#   2d. layout: eager fp32, W4A4 LSQ and W4A4 dampen+freeze, each with NCHW and with channels_last
+#      inputs (Trainer.channels_last), interleaved in one process: does channels_last help QAT too?
 #   2c. the data path: FP32 Trainer loop with batches gathered on the CPU and copied from pageable
 #      memory (the old path), from pinned memory, with the data set resident on the GPU (the
 #      default now), resident + channels_last inputs, and a batch already on the GPU;
@@ -22,7 +24,8 @@
 #
 #   bash bench/gpu_check.sh [--json FILE] [--dry-run]
 #   CPU_OK=1 bash bench/gpu_check.sh      # = --dry-run: tiny sizes, CPU allowed; checks the logic only
-#   GPU_CHECK_SECTIONS="env throughput compiled datapath campaign"   # the default: all, in this order
+#   GPU_CHECK_SECTIONS="env throughput compiled datapath layout campaign"   # the default: all, in this order
+#   GPU_CHECK_ROWS="compiled w4a4 dampen+freeze,..."   # measure only the named rows of each section
 #   GPU_CHECK_CAP_compiled=400   # one section's cap in seconds (default caps: env 60, throughput 110,
 #                                # compiled 230, datapath 60, campaign 150), still bounded by the budget
 set -uo pipefail
@@ -46,7 +49,7 @@ if [ -z "$JSON" ] && [ -n "${OUT:-}" ]; then JSON="$OUT/gpu_check.json"; fi
 
 BUDGET_S=${GPU_CHECK_BUDGET_S:-560}   # whole script, seconds (under 10 minutes)
 if [ "$DRY" = 1 ]; then BUDGET_S=${GPU_CHECK_BUDGET_S:-1500}; fi  # a CPU dry run: compiling takes longer there
-SECTIONS=${GPU_CHECK_SECTIONS:-env throughput compiled datapath campaign}
+SECTIONS=${GPU_CHECK_SECTIONS:-env throughput compiled datapath layout campaign}
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - START))s] $*"; }
@@ -88,7 +91,8 @@ from pathlib import Path
 
 WORK = Path(os.environ["GPU_CHECK_WORK"])
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
-SECTIONS = os.environ.get("GPU_CHECK_SECTIONS", "env throughput compiled datapath campaign").split()
+SECTIONS = os.environ.get("GPU_CHECK_SECTIONS", "env throughput compiled datapath layout campaign").split()
+ROWS = [r.strip() for r in os.environ.get("GPU_CHECK_ROWS", "").split(",") if r.strip()]  # empty: every row
 
 
 def dump(name, data):
@@ -113,7 +117,7 @@ def env():
         out["device"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
                          "capability": f"{p.major}.{p.minor}", "bf16": torch.cuda.is_bf16_supported()}
     need = {"throughput": ("torch", "torchvision", "pydantic", "yaml"), "compiled": ("torch", "torchvision", "pydantic", "yaml"),
-            "datapath": ("torch", "torchvision", "pydantic", "yaml"),
+            "datapath": ("torch", "torchvision", "pydantic", "yaml"), "layout": ("torch", "torchvision", "pydantic", "yaml"),
             "campaign": ("torch", "torchvision", "pydantic", "yaml", "ray", "optuna", "mlflow", "matplotlib")}
     out["section_missing"] = {sec: [m for m in mods if str(out["packages"][m]).startswith("MISSING")]
                               for sec, mods in need.items()}
@@ -203,8 +207,9 @@ def _timed(trainer, device):
 
 
 def _measure(section, variants, compile_):
-    """Rows of (name, bits, method, amp): the Trainer loop and the batch-on-device loop; the JSON
-    is rewritten after every row, so a section cut short by its timeout keeps what it measured."""
+    """Rows of (name, bits, method, amp[, channels_last]): the Trainer loop and the batch-on-device
+    loop; the JSON is rewritten after every row, so a section cut short by its timeout keeps what it
+    measured. channels_last (inputs) is the Trainer's default unless a row names it."""
     import torch
     from oscqat.config import TrainConfig
     from oscqat.data import DataBundle
@@ -213,13 +218,18 @@ def _measure(section, variants, compile_):
     device, common, data = _setup()
     results = {"setup": {"image_size": SIZE, "batch": BATCH, "steps_per_epoch": STEPS, "timed_epochs": TIMED,
                          "device": device, "torch": torch.__version__, "compile": compile_}, "variants": {}}
-    for name, bits, method, amp in variants:
+    for name, bits, method, amp, *layout in variants:
+        if ROWS and name not in ROWS:
+            continue
         row = {}
         try:
             cfg = TrainConfig(bits=bits, method=method, amp=amp, compile=compile_, **common)
             trainer = Trainer(cfg, data=DataBundle(Capped(data.train, STEPS), data.val, data.test, data.num_classes,
                                                    data.in_chans, data.image_size))
+            if layout:
+                trainer.channels_last = layout[0]
             row["data_path"] = trainer.data_path
+            row["channels_last"] = trainer.channels_last
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             row["trainer_img_s"] = _timed(trainer, device)
@@ -258,6 +268,15 @@ def compiled():
         ("compiled w4a4 dampen+freeze +bf16", "w4a4", "dampen+freeze", True),
     ]
     return _measure("compiled", rows[:2] if DRY else rows, compile_=True)  # a dry run: two CPU compilations are enough
+
+
+def layout():
+    """Eager rows with NCHW and channels_last inputs, pairwise: the layout's effect on QAT."""
+    rows = []
+    for name, bits, method in (("fp32 train", "fp32", "lsq"), ("w4a4 lsq", "w4a4", "lsq"),
+                               ("w4a4 dampen+freeze", "w4a4", "dampen+freeze")):
+        rows += [(f"{name} nchw", bits, method, False, False), (f"{name} channels_last", bits, method, False, True)]
+    return _measure("layout", rows, compile_=False)
 
 
 def datapath():
@@ -364,7 +383,7 @@ def table():
         return json.loads(p.read_text()) if p.is_file() else None
 
     env_, thr, camp = load("env"), load("throughput"), load("campaign")
-    comp, dpath = load("compiled"), load("datapath")
+    comp, dpath, lay = load("compiled"), load("datapath"), load("layout")
     status = json.loads((WORK / "status.json").read_text()) if (WORK / "status.json").is_file() else {}
     smi = {}
     for name in ("throughput", "campaign"):
@@ -394,7 +413,8 @@ def table():
         st = status.get(sec)
         if st and st != "ok":
             print(f"section {sec}: {st}")
-    ref = (thr or {}).get("variants", {}).get("fp32 train", {})  # every "vs fp32" is against eager FP32 training
+    # every "vs fp32" is against eager FP32 training (NCHW): the throughput section's, else the layout section's
+    ref = (thr or {}).get("variants", {}).get("fp32 train") or (lay or {}).get("variants", {}).get("fp32 train nchw", {})
     for title, sec in (("eager", thr), ("compiled (TrainConfig compile)", comp)):
         if not sec:
             continue
@@ -418,6 +438,21 @@ def table():
     if target is not None:
         print(f"GPU target: compiled w4a4 dampen+freeze >= 0.85x eager fp32 train img/s: {target:.2f} "
               f"({'met' if target >= 0.85 else 'MISSED'})")
+    if lay:
+        s = lay["setup"]
+        print(f"\nlayout: eager, {s['image_size']}px, batch {s['batch']} ({s['device']}); Trainer loop img/s, NCHW vs "
+              f"channels_last inputs")
+        print(f"{'variant':<24}{'nchw':>10}{'channels_last':>15}{'cl / nchw':>11}{'cl vs fp32 nchw':>17}")
+        v, base = lay["variants"], lay["variants"].get("fp32 train nchw", {}).get("trainer_img_s")
+        for name in ("fp32 train", "w4a4 lsq", "w4a4 dampen+freeze"):
+            a, b = v.get(f"{name} nchw", {}), v.get(f"{name} channels_last", {})
+            if "trainer_img_s" not in a or "trainer_img_s" not in b:
+                err = a.get("error") or b.get("error") or "not measured"
+                print(f"{name:<24}  {err}")
+                continue
+            rel = f"{b['trainer_img_s'] / base:.2f}" if base else "-"
+            print(f"{name:<24}{a['trainer_img_s']:>10.0f}{b['trainer_img_s']:>15.0f}"
+                  f"{b['trainer_img_s'] / a['trainer_img_s']:>11.2f}{rel:>17}")
     if dpath:
         s = dpath["setup"]
         print(f"\ndata path: {s['model']}, {s['image_size']}px, batch {s['batch']} ({s['device']})")
@@ -445,14 +480,15 @@ def table():
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps({"env": env_, "throughput": thr, "compiled": comp, "datapath": dpath,
-                                            "campaign": camp, "nvidia_smi": smi, "status": status, "dry_run": DRY},
+                                            "layout": lay, "campaign": camp, "nvidia_smi": smi, "status": status, "dry_run": DRY},
                                            indent=2, default=str))
         print(f"JSON: {out_json}")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit({"env": env, "throughput": throughput, "compiled": compiled, "datapath": datapath, "campaign": campaign,
+    sys.exit({"env": env, "throughput": throughput, "compiled": compiled, "datapath": datapath, "layout": layout,
+              "campaign": campaign,
               "table": table}[sys.argv[1]]())
 PYEOF
 
@@ -497,7 +533,7 @@ if command -v nvidia-smi >/dev/null; then
 else
   log "nvidia-smi not found"
 fi
-declare -A CAP=([env]=60 [throughput]=110 [compiled]=230 [datapath]=60 [campaign]=150)  # seconds per section
+declare -A CAP=([env]=60 [throughput]=110 [compiled]=230 [datapath]=60 [layout]=80 [campaign]=150)  # seconds per section
 if [ "$DRY" = 1 ]; then CAP[compiled]=900; CAP[campaign]=300; fi  # on a small CPU, compiling and trials take minutes
 for name in "${!CAP[@]}"; do  # GPU_CHECK_CAP_<section>=SECONDS overrides one cap (still bounded by the budget)
   v="GPU_CHECK_CAP_$name"; if [ -n "${!v:-}" ]; then CAP[$name]=${!v}; fi

@@ -70,6 +70,10 @@ def dampening_loss(module: nn.Module, aggregation: str = "kernel_mean", max_bits
     fused = all(layer.last_damp is not None for layer in layers)
     if fused:  # one weighted sum over the per-layer sums instead of an op per layer
         sums = torch.stack([layer.last_damp for layer in layers])
+        if torch.compiler.is_compiling():  # a graph constant; no module-dict cache (torch 2.11's
+            # Dynamo breaks the graph at ``__dict__.setdefault``: 4 graphs instead of 1)
+            return torch.dot(sums, torch.tensor([aggregation_weight(layer, aggregation) for layer in layers],
+                                                dtype=sums.dtype, device=sums.device))
         key = (aggregation, max_bits, sums.device, len(layers))
         cache = module.__dict__.setdefault("_dampening_coefs", {})  # plain dict: not a buffer
         coefs = cache.get(key)
