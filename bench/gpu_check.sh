@@ -5,14 +5,15 @@
 #   2. MobileNetV2 QAT throughput (images/s) on synthetic 224x224 data, batch 128: FP32 training
 #      (bits fp32) vs W4A4 LSQ and W4A4 dampen+freeze, each in fp32 and with bf16 autocast
 #      (TrainConfig amp), measured two ways: the Trainer's own epoch loop (its data path, as a run
-#      sees it) and the same loop over a batch already on the GPU;
+#      sees it) and the same loop over a batch already on the GPU; the rows use the Trainer's default
+#      layout (TrainConfig memory_format auto: channels_last inputs on CUDA since 2026-12-04);
 #   2b. the same with TrainConfig compile (torch.compile, Inductor): compiled fp32, fp32 +bf16, lsq,
 #      dampen+freeze, dampen+freeze +bf16, with each compilation time; rows are written as they finish;
-#   2d. layout: eager fp32, W4A4 LSQ and W4A4 dampen+freeze, each with NCHW and with channels_last
-#      inputs (Trainer.channels_last), interleaved in one process: does channels_last help QAT too?
 #   2c. the data path: FP32 Trainer loop with batches gathered on the CPU and copied from pageable
 #      memory (the old path), from pinned memory, with the data set resident on the GPU (the
 #      default now), resident + channels_last inputs, and a batch already on the GPU;
+#   2d. layout: eager fp32, W4A4 LSQ and W4A4 dampen+freeze, each with NCHW and with channels_last
+#      inputs (Trainer.channels_last), one after the other in one process: does channels_last help QAT too?
 #   3. a 4-trial search campaign (search.runner.run_campaign: MobileNetV2 W4A4, synthetic data,
 #      2 epochs, ASHA) at 0.5 GPU per trial (resources {cpu: 2, gpu: 0.5}), so 2 trials share the GPU;
 #      GPU memory/processes are sampled with nvidia-smi while it runs;
@@ -27,7 +28,7 @@
 #   GPU_CHECK_SECTIONS="env throughput compiled datapath layout campaign"   # the default: all, in this order
 #   GPU_CHECK_ROWS="compiled w4a4 dampen+freeze,..."   # measure only the named rows of each section
 #   GPU_CHECK_CAP_compiled=400   # one section's cap in seconds (default caps: env 60, throughput 110,
-#                                # compiled 230, datapath 60, campaign 150), still bounded by the budget
+#                                # compiled 230, datapath 60, layout 80, campaign 150), still bounded by the budget
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --json) JSON="$2"; shift ;;
     --json=*) JSON="${1#--json=}" ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift

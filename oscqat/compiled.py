@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 import types
+import warnings
 from typing import Callable
 
 import torch
@@ -50,7 +51,9 @@ class CompiledForward:
 
     ``graphs_compiled`` counts the graphs the backend built (the first compile and every
     recompile); ``compile_time_s`` is the wall time of the calls that compiled one, plus the
-    backward the caller reports through ``add_backward_time`` for those steps.
+    backward the caller reports through ``add_backward_time`` for those steps. One call that
+    builds several graphs means graph breaks: each is a separate graph with eager Python between
+    them, slower to compile and run, so it is warned about once (``graph_breaks`` counts them).
     """
 
     def __init__(self, model: nn.Module, fn: Callable, backend: str = "inductor"):
@@ -58,6 +61,7 @@ class CompiledForward:
         self.compiled_calls = 0
         self.eager_calls = 0
         self.last_call_compiled = False  # the latest call built a graph (its backward may compile too)
+        self.graph_breaks = 0
         self._shape: tuple | None = None
         self._quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
         self._eager = fn
@@ -93,6 +97,13 @@ class CompiledForward:
         self.last_call_compiled = self.graphs_compiled != before
         if self.last_call_compiled:
             self.compile_time_s += time.perf_counter() - start
+            if self.graphs_compiled - before > 1:
+                if not self.graph_breaks:
+                    warnings.warn(
+                        f"torch.compile (torch {torch.__version__}) split the training step into "
+                        f"{self.graphs_compiled - before} graphs: graph breaks make compiling and each step slower; "
+                        "run with TORCH_LOGS=graph_breaks to see where", RuntimeWarning, stacklevel=2)
+                self.graph_breaks += self.graphs_compiled - before - 1
         return out
 
     def add_backward_time(self, seconds: float) -> None:

@@ -120,6 +120,9 @@ class TrainConfig(BaseModel):
     # run the training forward + backward through torch.compile (Inductor): compiled once per
     # run, at its second step; eager is the reference (see README, Performance)
     compile: bool = False
+    # layout of the image batches: "auto" is channels_last on CUDA (cuDNN's NHWC convolutions:
+    # 1.90x eager FP32 throughput on an H200, docs/BENCHMARKS.md section 4) and NCHW on the CPU
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
     @field_validator("bits")
     @classmethod

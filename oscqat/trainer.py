@@ -114,8 +114,9 @@ class Trainer:
         self.steps_per_epoch = max(len(self.data.train), 1)
         self.total_steps = self.steps_per_epoch * config.epochs
         # compile: built once per Trainer (so once per trial), compiled at its first call
-        # inputs in channels_last memory format: off; bench/gpu_check.sh measures whether it helps on a GPU
-        self.channels_last = False
+        # image batches in channels_last memory format (TrainConfig.memory_format; "auto": on CUDA)
+        self.channels_last = config.memory_format == "channels_last" or (
+            config.memory_format == "auto" and self.device.type == "cuda")
         self._lam = torch.zeros((), device=self.device)  # lambda as a graph input, not a constant
         self.compiled = CompiledForward(self.model, self._loss_terms) if config.compile else None
 
@@ -152,6 +153,12 @@ class Trainer:
     def done(self) -> bool:
         return self.epoch >= self.cfg.epochs
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the run's memory format (channels_last applies to 4-D image batches only)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _autocast(self):
         if self.cfg.amp:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -179,8 +186,7 @@ class Trainer:
         for x, y in self.data.train:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._layout(x)
             lam, f_th = self._schedules()
             if self.compiled is not None:
                 loss, total, damp = self.compiled(x, y, self._lam.fill_(lam))
@@ -268,7 +274,7 @@ class Trainer:
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self._layout(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(x).float()
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
@@ -278,9 +284,10 @@ class Trainer:
         return loss_sum / max(seen, 1), correct / max(seen, 1)
 
     def _bn_batches(self):
+        """The training set in its own order, on the device, in the run's memory format."""
         loader = self.data.train
         loader.set_epoch(10_000_019 + self.epoch)  # its own order; training order is unaffected
-        return loader
+        return (self._layout(x.to(self.device, non_blocking=True)) for x, _ in loader)
 
     def run_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> dict:
         """Train one epoch, evaluate (with and without BN re-estimation), return the metrics."""

@@ -183,6 +183,32 @@ def test_each_compiled_forward_keeps_its_own_graph_and_is_freed():
     assert sum(r() is not None for r in refs) == 0
 
 
+def test_a_step_split_by_graph_breaks_is_warned_about_once():
+    """A graph break (new torch, new layer type) silently splits the step into several graphs,
+    with eager Python between them: the user hears of it, with the way to find where."""
+    from oscqat.compiled import CompiledForward
+
+    net = torch.nn.Linear(4, 3)
+
+    def loss(x, y, lam):
+        h = net(x)
+        torch._dynamo.graph_break()
+        out = torch.nn.functional.cross_entropy(h, y)
+        return out, out * lam, None
+
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    step = CompiledForward(net, loss, backend="eager")
+    with pytest.warns(RuntimeWarning, match=r"split the training step into 2 graphs.*TORCH_LOGS=graph_breaks"):
+        step(x, y, torch.tensor(1.0))
+    assert step.graph_breaks == 1 and step.graphs_compiled == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(x, y, torch.tensor(2.0))  # the compiled graphs run again: no second warning, no new graph
+    assert step.graphs_compiled == 2
+
+
 def test_campaign_base_passes_compile_to_its_trials():
     from search.campaign import Campaign
 

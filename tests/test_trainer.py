@@ -186,3 +186,50 @@ def test_test_split_is_measured_at_the_last_epoch_only():
     assert (loss, top1) == pytest.approx((last["test_loss"], last["test_top1"]))
     assert trainer.data.test.num_samples == round(1797 * 0.2)
     assert first["val_top1"] is not None
+
+
+def test_memory_format_auto_is_nchw_on_the_cpu_and_channels_last_reaches_the_model():
+    """``memory_format`` decides the layout of every image batch the model sees, in training
+    and in evaluation; ``auto`` keeps NCHW on the CPU (channels_last is a CUDA default), and the
+    layout changes no result beyond float reassociation."""
+    from oscqat import TrainConfig, Trainer
+
+    assert Trainer(TrainConfig(**tiny_train_kwargs())).channels_last is False
+    seen = {}
+
+    def run(fmt):
+        torch.manual_seed(0)
+        trainer = Trainer(TrainConfig(**tiny_train_kwargs(epochs=1, memory_format=fmt, method="dampen+freeze",
+                                                          dataset="synthetic", image_size=8, dampen_start=0.0,
+                                                          freeze_start=0.0)))
+        layouts = seen.setdefault(fmt, set())
+
+        def hook(_module, args):
+            x = args[0]  # 3 channels: with one (digits) the two layouts are the same strides
+            assert x.shape[1] == 3
+            if len(x) == 1:  # oscqat.cost's one-image MAC count probe: shapes only
+                return
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            layouts.add((channels_last, trainer.model.training))
+
+        trainer.model.register_forward_pre_hook(hook)
+        hist = trainer.fit()
+        return hist[-1], trainer
+
+    nchw, _ = run("contiguous")
+    cl, trainer = run("channels_last")
+    assert trainer.channels_last is True
+    assert seen["contiguous"] == {(False, True), (False, False)}  # training and evaluation batches, NCHW
+    assert seen["channels_last"] == {(True, True), (True, False)}  # the same, channels_last
+    # a reassociated convolution sum can flip a rounding, so an epoch of QAT drifts a little
+    assert cl["train_loss"] == pytest.approx(nchw["train_loss"], rel=1e-2)
+    assert cl["val_top1"] == pytest.approx(nchw["val_top1"], abs=0.05)
+
+
+def test_memory_format_must_be_a_known_name():
+    from pydantic import ValidationError
+
+    from oscqat import TrainConfig
+
+    with pytest.raises(ValidationError, match="memory_format"):
+        TrainConfig(**tiny_train_kwargs(memory_format="nhwc"))
