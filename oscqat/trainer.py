@@ -183,6 +183,7 @@ class Trainer:
         seen = batches = 0
         lam = f_th = 0.0
         compile_before = self.compiled.compile_time_s if self.compiled is not None else 0.0
+        graphs_before = self.compiled.graphs_compiled if self.compiled is not None else 0
         for x, y in self.data.train:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -231,6 +232,7 @@ class Trainer:
             "lr": lr,
             "_samples": seen,
             "compile_time_s": (self.compiled.compile_time_s - compile_before) if self.compiled is not None else 0.0,
+            "compile_graphs": (self.compiled.graphs_compiled - graphs_before) if self.compiled is not None else 0,
         }
 
     def _loss_terms(self, x: torch.Tensor, y: torch.Tensor, lam) -> tuple:
@@ -332,6 +334,7 @@ class Trainer:
             "scale_flip_frac": scale_flips / flips if flips else 0.0,
             "epoch_time_s": time.perf_counter() - start,
             "compile_time_s": train["compile_time_s"],
+            "compile_graphs": train["compile_graphs"],
             "samples_per_s": train["_samples"] / max(train_time, 1e-9),
             **self.cost(),
             **test,
