@@ -414,8 +414,11 @@ def table():
         st = status.get(sec)
         if st and st != "ok":
             print(f"section {sec}: {st}")
-    # every "vs fp32" is against eager FP32 training (NCHW): the throughput section's, else the layout section's
-    ref = (thr or {}).get("variants", {}).get("fp32 train") or (lay or {}).get("variants", {}).get("fp32 train nchw", {})
+    # every "vs fp32" is against eager FP32 training in the Trainer's default layout (channels_last on
+    # CUDA): the throughput section's row, else the layout section's row in that layout
+    default_cl = bool(env_ and env_.get("cuda_available"))
+    ref = ((thr or {}).get("variants", {}).get("fp32 train")
+           or (lay or {}).get("variants", {}).get("fp32 train " + ("channels_last" if default_cl else "nchw"), {}))
     for title, sec in (("eager", thr), ("compiled (TrainConfig compile)", comp)):
         if not sec:
             continue
@@ -437,7 +440,8 @@ def table():
                   f"{row['resident_img_s']:>23.0f}{row.get('resident_vs_fp32', float('nan')):>9.2f}{peak:>10}{cs:>11}")
     target = (comp or {}).get("variants", {}).get("compiled w4a4 dampen+freeze", {}).get("trainer_vs_fp32")
     if target is not None:
-        print(f"GPU target: compiled w4a4 dampen+freeze >= 0.85x eager fp32 train img/s: {target:.2f} "
+        layout_name = "channels_last" if ref.get("channels_last") else "nchw"
+        print(f"GPU target: compiled w4a4 dampen+freeze >= 0.85x eager fp32 train ({layout_name}) img/s: {target:.2f} "
               f"({'met' if target >= 0.85 else 'MISSED'})")
     if lay:
         s = lay["setup"]

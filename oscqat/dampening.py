@@ -70,15 +70,16 @@ def dampening_loss(module: nn.Module, aggregation: str = "kernel_mean", max_bits
     fused = all(layer.last_damp is not None for layer in layers)
     if fused:  # one weighted sum over the per-layer sums instead of an op per layer
         sums = torch.stack([layer.last_damp for layer in layers])
+        def coefs() -> torch.Tensor:
+            return torch.tensor([aggregation_weight(layer, aggregation) for layer in layers], dtype=sums.dtype,
+                                device=sums.device)
+
         if torch.compiler.is_compiling():  # a graph constant; no module-dict cache (torch 2.11's
             # Dynamo breaks the graph at ``__dict__.setdefault``: 4 graphs instead of 1)
-            return torch.dot(sums, torch.tensor([aggregation_weight(layer, aggregation) for layer in layers],
-                                                dtype=sums.dtype, device=sums.device))
-        key = (aggregation, max_bits, sums.device, len(layers))
+            return torch.dot(sums, coefs())
         cache = module.__dict__.setdefault("_dampening_coefs", {})  # plain dict: not a buffer
-        coefs = cache.get(key)
-        if coefs is None:
-            coefs = cache[key] = torch.tensor([aggregation_weight(layer, aggregation) for layer in layers],
-                                              dtype=sums.dtype, device=sums.device)
-        return torch.dot(sums, coefs)
+        key = (aggregation, max_bits, sums.device, len(layers))
+        if key not in cache:
+            cache[key] = coefs()
+        return torch.dot(sums, cache[key])
     return torch.stack([layer_dampening_loss(layer, aggregation) for layer in layers]).sum()

@@ -6,6 +6,8 @@ takes 20-70 s of CPU on a cold cache), so the checks share one module-scoped pai
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -202,8 +204,6 @@ def test_a_step_split_by_graph_breaks_is_warned_about_once():
     with pytest.warns(RuntimeWarning, match=r"split the training step into 2 graphs.*TORCH_LOGS=graph_breaks"):
         step(x, y, torch.tensor(1.0))
     assert step.graph_breaks == 1 and step.graphs_compiled == 2
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         step(x, y, torch.tensor(2.0))  # the compiled graphs run again: no second warning, no new graph
