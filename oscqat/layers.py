@@ -161,10 +161,16 @@ class QuantMixin:
                     and torch.compiler.is_compiling()):
                 # a compiled training step: the quantizer's own kernel writes the integers into the
                 # tracker's buffer (in its integer type, a quarter of float32's bytes at int8) and
-                # the clamped scale next to them; no graph outputs, nothing for the tracker to gather
-                sink.copy_(w_int)
+                # the clamped scale next to them; no graph outputs, nothing for the tracker to gather.
+                # The integers are read back from w_hat (round(w_hat / s) == w_int exactly): a write
+                # into a graph input lands at the graph's end, and Inductor fuses only nearby nodes
+                # that merely share inputs, so copying w_int would cost a second pass over the
+                # weights; reading w_hat makes it a consumer, fused into the pass that writes w_hat.
+                q = self.weight_quantizer
+                s = q._broadcast_scale(self.weight).detach().clamp_min(SCALE_EPS)
+                sink.copy_(torch.round(w_hat.detach() / s))
                 w_int = sink
-                self._scale_sink.copy_(self.weight_quantizer.scale.detach().clamp_min(SCALE_EPS))
+                self._scale_sink.copy_(q.scale.detach().clamp_min(SCALE_EPS))
             self.last_weight_int = w_int
             self.last_damp = damp if want_damp else None
         return w_hat, w_int

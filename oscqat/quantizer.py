@@ -54,6 +54,7 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, n, p, grad_scale, frozen_idx, frozen_vals, want_damp):
+        in_graph = torch.compiler.is_compiling()
         scale = scale.clamp_min(SCALE_EPS)  # straight-through in backward: grad_s goes to the raw scale
         v = x / scale
         v_clip = v.clamp(n, p)
@@ -70,7 +71,10 @@ class _LSQFunction(torch.autograd.Function):
         resid = None
         if want_damp:
             # clip(w) - s*x_int = s*(clip(v) - x_int): 0 outside the grid, masked where frozen.
-            resid = v_clip.sub_(x_int)
+            # In a graph the sum reads the integers back from x_hat (round(x_hat / s) == x_int
+            # exactly): it then depends on x_hat's buffer, and Inductor fuses it into x_hat's pass
+            # instead of making a second pass over the weights (see QuantMixin._quantize_weight).
+            resid = v_clip.sub_(torch.round(x_hat / scale) if in_graph else x_int)
             if dense:
                 resid = resid.masked_fill(frozen_idx, 0.0)
             elif frozen_idx is not None:
@@ -85,16 +89,20 @@ class _LSQFunction(torch.autograd.Function):
         else:
             damp = x.new_zeros(())
             ctx.mark_non_differentiable(damp)
-        ctx.save_for_backward(v, x_int, scale, inside, resid)
+        # In a graph the backward rebuilds the residual from v and x_int, which the partitioner
+        # recomputes from the weights: a residual saved from the forward would be recomputed
+        # from x_hat, one more read of every weight-sized tensor.
+        rebuild = resid is not None and in_graph
+        ctx.save_for_backward(v, x_int, scale, inside, None if rebuild else resid, frozen_idx if rebuild else None)
+        ctx.rebuild_resid = rebuild
         ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
-        # inside a graph, activations may be laid out channels-last: see the scale gradient
-        ctx.in_graph = torch.compiler.is_compiling()
+        ctx.in_graph = in_graph  # inside a graph, activations may be laid out channels-last: see the scale gradient
         ctx.mark_non_differentiable(x_int, v)
         return x_hat, x_int, damp, v
 
     @staticmethod
     def backward(ctx, grad_out, _grad_int, grad_damp, _grad_v):
-        v, x_int, scale, inside, resid = ctx.saved_tensors
+        v, x_int, scale, inside, resid, frozen_idx = ctx.saved_tensors
         grad_x = grad_out * inside  # also needed for the scale gradient below
         grad_s = None
         if ctx.needs_input_grad[1]:
@@ -113,6 +121,12 @@ class _LSQFunction(torch.autograd.Function):
                 reduce_dims = [d for d in range(v.dim()) if scale.shape[d] == 1]
                 grad_s = (grad_out * x_int - grad_x * v).sum(dim=reduce_dims, keepdim=True)
             grad_s = grad_s * ctx.grad_scale
+        if ctx.rebuild_resid and grad_damp is not None:  # the forward's residual, bit for bit
+            resid = v.clamp(ctx.n, ctx.p).sub_(x_int)
+            if frozen_idx is not None and frozen_idx.dtype == torch.bool:
+                resid = resid.masked_fill(frozen_idx, 0.0)
+            elif frozen_idx is not None:
+                resid.view(-1).index_fill_(0, frozen_idx, 0.0)
         if resid is not None and grad_damp is not None:
             # d/dw sum((w - s*x_int)^2) = 2*s*(v - x_int) on inside, non-frozen elements
             grad_x.addcmul_(resid, scale.detach() * (2.0 * grad_damp))
