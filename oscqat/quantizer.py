@@ -33,6 +33,16 @@ def grid_bounds(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _zero_frozen(resid: torch.Tensor, frozen_idx: torch.Tensor | None) -> torch.Tensor:
+    """``resid`` with the frozen elements set to 0 (dense bool mask or flat indices, in place for those)."""
+    if frozen_idx is None:
+        return resid
+    if frozen_idx.dtype == torch.bool:
+        return resid.masked_fill(frozen_idx, 0.0)
+    resid.view(-1).index_fill_(0, frozen_idx, 0.0)
+    return resid
+
+
 class _LSQFunction(torch.autograd.Function):
     """Fake quantization returning ``(x_hat, x_int, damp, v)``; x_int and ``v = x / s`` (the
     unrounded grid position, kept for the scale-flip attribution) carry no gradient.
@@ -74,11 +84,7 @@ class _LSQFunction(torch.autograd.Function):
             # In a graph the sum reads the integers back from x_hat (round(x_hat / s) == x_int
             # exactly): it then depends on x_hat's buffer, and Inductor fuses it into x_hat's pass
             # instead of making a second pass over the weights (see QuantMixin._quantize_weight).
-            resid = v_clip.sub_(torch.round(x_hat / scale) if in_graph else x_int)
-            if dense:
-                resid = resid.masked_fill(frozen_idx, 0.0)
-            elif frozen_idx is not None:
-                resid.view(-1).index_fill_(0, frozen_idx, 0.0)
+            resid = _zero_frozen(v_clip.sub_(torch.round(x_hat / scale) if in_graph else x_int), frozen_idx)
             s = scale.detach()
             if s.numel() == 1:
                 flat = resid.reshape(-1)
@@ -122,11 +128,7 @@ class _LSQFunction(torch.autograd.Function):
                 grad_s = (grad_out * x_int - grad_x * v).sum(dim=reduce_dims, keepdim=True)
             grad_s = grad_s * ctx.grad_scale
         if ctx.rebuild_resid and grad_damp is not None:  # the forward's residual, bit for bit
-            resid = v.clamp(ctx.n, ctx.p).sub_(x_int)
-            if frozen_idx is not None and frozen_idx.dtype == torch.bool:
-                resid = resid.masked_fill(frozen_idx, 0.0)
-            elif frozen_idx is not None:
-                resid.view(-1).index_fill_(0, frozen_idx, 0.0)
+            resid = _zero_frozen(v.clamp(ctx.n, ctx.p).sub_(x_int), frozen_idx)
         if resid is not None and grad_damp is not None:
             # d/dw sum((w - s*x_int)^2) = 2*s*(v - x_int) on inside, non-frozen elements
             grad_x.addcmul_(resid, scale.detach() * (2.0 * grad_damp))
