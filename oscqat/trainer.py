@@ -307,7 +307,7 @@ class Trainer:
             test["test_loss"], test["test_top1"] = test_loss, test["test_top1_no_bnre"]
         if self.cfg.bn_reestimate_batches > 0 and bn_layers(self.model):
             saved = None if last_epoch else bn_state(self.model)
-            reestimate_bn(self.model, self._bn_batches(), self.cfg.bn_reestimate_batches, self.device)
+            reestimate_bn(self.model, self._bn_batches(), self.cfg.bn_reestimate_batches)  # batches on the device
             val_loss, top1 = self.evaluate()
             if last_epoch:
                 test["test_loss"], test["test_top1"] = self.evaluate(self.data.test)
